@@ -1,0 +1,659 @@
+"""Orchestration of `toolkit pack`: scan, hash, split, write shards, then the index files.
+
+Two passes over the files run in worker processes, and both send paths, not bytes, so each
+worker reads its own files:
+1. hash: sha256 of every candidate file, for splits and duplicate detection;
+2. pack: decode, normalize and re-encode each image in shard order, while this process writes
+   the shards.
+Results come back in order through `Pool.imap`, with at most a fixed window of tasks in flight,
+so memory stays bounded whatever the number of files. With one worker, both passes run in
+this process.
+
+Bad files never stop a run: they are listed in OUT/rejects.csv and counted. With `strict`
+any reject fails the run after rejects.csv is written, and no manifest is written.
+OUT/rejects.csv is written before the manifest, and the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.pool import Pool
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from toolkit.config import PackConfig
+from toolkit.dataset import MANIFEST, REJECTS, SPLITS
+from toolkit.pack import PackError
+from toolkit.pack.images import ImageOptions, PackedImage, RejectedImage, normalize_image
+from toolkit.pack.report import PackSummary, SplitSummary
+from toolkit.pack.scan import Listing, Reject, scan_source
+from toolkit.pack.shards import (
+    PackState,
+    Segment,
+    SplitWriter,
+    build_manifest,
+    build_timm_info,
+    clear_output,
+    encode_sample,
+    is_output_entry,
+    keep_finished,
+    rejects_csv,
+    sample_key,
+    write_atomic,
+    write_dataset_files,
+)
+from toolkit.pack.split import WARN_NAMES, Duplicates, SplitPlan, check_fractions, find_duplicates, plan_splits
+
+logger = logging.getLogger(__name__)
+
+# Version of what pack writes for given input and options; a change refuses to resume old output.
+PACK_LAYOUT = 1
+
+# Tasks per worker message in each pass. Hashing returns 32 bytes per file, packing a JPEG.
+HASH_CHUNK = 32
+PACK_CHUNK = 8
+# Tasks in flight per worker, counted in chunks; bounds the JPEGs waiting for the writer.
+CHUNKS_IN_FLIGHT = 4
+
+DUPLICATE = "duplicate"
+
+
+def run_pack(
+    src: str | Path,
+    out: str | Path,
+    settings: PackConfig,
+    show_progress: bool = False,
+    console: Console | None = None,
+) -> PackSummary:
+    """Pack SRC (a class-per-folder tree or a CSV/TSV list) into the dataset directory OUT.
+
+    Reruns with the same options resume: finished shards are kept and the result is the same,
+    byte for byte, as an uninterrupted run. `console` is where the progress bar goes when
+    `show_progress` is set (a new stderr console when None).
+    """
+    started = time.monotonic()
+    src, out = Path(src), Path(out)
+
+    # settings and paths
+    check_settings(settings)
+    check_paths(src, out)
+    options = pack_options(settings)
+    workers = settings.workers or os.cpu_count() or 1
+
+    # output folder: new, resumed or refused
+    prepare_output(out, options, settings.overwrite)
+    state = PackState(out)
+
+    # scan
+    listing = scan_source(src, settings.classes_file)
+    if len(listing) == 0:
+        raise PackError(no_images_message(src, listing))
+
+    with worker_pool(workers, ImageOptions.from_config(settings)) as pool, open_progress(show_progress, console) as progress:
+        # pass 1: content hashes
+        hashes = hash_entries(listing, pool, workers, progress)
+
+        # duplicates, splits and shard order
+        labels = np.array(listing.labels, dtype=np.int64)
+        duplicates = find_duplicates(hashes.shas, labels, hashes.valid, len(listing.classes))
+        plan = plan_splits(
+            hashes.shas,
+            labels,
+            np.array(listing.splits, dtype=np.int8),
+            listing.paths,
+            duplicates,
+            listing.classes,
+            settings.val_fraction,
+            settings.test_fraction,
+            settings.split_seed,
+            settings.shuffle_seed,
+        )
+        warn_cross_class(listing, duplicates)
+
+        # resume what an earlier run with the same plan finished
+        digest = plan_digest(listing, labels, hashes.shas, plan)
+        finished = resume_segments(out, state, options, digest, settings.overwrite)
+
+        # pass 2: shards
+        planned = sum(len(order) for order in plan.order.values())
+        logger.info("packing %d images into %s with %d worker(s)", planned, out, workers)
+        segments = write_shards(out, listing, labels, hashes.shas, plan, finished, settings, state, pool, workers, progress)
+
+    # rejects.csv, then the index files with the manifest last
+    rejects = listing.rejects + hashes.rejects + duplicate_rejects(listing, duplicates)
+    rejects += [reject for split in SPLITS for segment in segments[split] for _, reject in segment.rejects]
+    write_atomic(out / REJECTS, rejects_csv(rejects))
+    reject_counts = dict(Counter(reject.reason for reject in rejects if reject.reason != DUPLICATE))
+    duplicate_counts = count_duplicates(listing, duplicates)
+    failure = ""
+    if settings.strict and reject_counts:
+        failure = (
+            f"{sum(reject_counts.values())} input files or rows were rejected and strict is set, so no manifest "
+            f"was written; see {out / REJECTS}, fix or remove them and run pack again"
+        )
+        logger.error("%s", failure)
+    else:
+        manifest = build_manifest(listing.classes, options, segments, reject_counts, duplicate_counts)
+        write_dataset_files(out, manifest, build_timm_info(len(listing.classes), segments))
+
+    # summary
+    summary = summarize(src, out, listing, labels, duplicates, plan, segments, reject_counts, duplicate_counts, finished)
+    summary.seconds = time.monotonic() - started
+    summary.failed = bool(failure)
+    summary.failure = failure
+    if summary.empty_classes:
+        names = ", ".join(summary.empty_classes[:WARN_NAMES])
+        more = ", ..." if len(summary.empty_classes) > WARN_NAMES else ""
+        logger.warning("classes without a packed image (%d): %s%s", len(summary.empty_classes), names, more)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# settings, paths and the output folder
+
+
+def check_settings(settings: PackConfig) -> None:
+    """Raise PackError for option values that pack cannot use."""
+    check_fractions(settings.val_fraction, settings.test_fraction)
+    if settings.shard_max_samples < 1:
+        raise PackError(f"invalid shard_max_samples {settings.shard_max_samples}; use 1 or more")
+    minimum_bytes = 2 * 10240  # an empty tar file takes 10240 bytes
+    if settings.shard_max_bytes < minimum_bytes:
+        raise PackError(f"invalid shard_max_bytes {settings.shard_max_bytes}; use at least {minimum_bytes}")
+    if settings.workers < 0:
+        raise PackError(f"invalid workers {settings.workers}; use 0 for one per core, or a positive count")
+    if settings.resize != "keep" and settings.size < 1:
+        raise PackError(f"resize {settings.resize!r} needs a size in pixels; pass --size")
+    if not 1 <= settings.jpeg_quality <= 100:
+        raise PackError(f"invalid jpeg_quality {settings.jpeg_quality}; use 1 to 100")
+
+
+def check_paths(src: Path, out: Path) -> None:
+    """Raise PackError unless SRC exists and OUT neither contains SRC nor sits inside a folder SRC."""
+    if not src.exists():
+        raise PackError(f"source {src} not found")
+    src_real, out_real = src.resolve(), out.resolve()
+    if src_real.is_relative_to(out_real):
+        raise PackError(f"OUT {out} contains SRC {src}; pack never writes into its source, so choose another OUT")
+    if src.is_dir() and out_real.is_relative_to(src_real):
+        raise PackError(f"OUT {out} is inside SRC {src}; pack never writes into its source, so choose another OUT")
+
+
+def pack_options(settings: PackConfig) -> dict[str, Any]:
+    """Return the options that decide the output bytes, as stored in the manifest and compared on resume."""
+    classes_sha256 = None
+    if settings.classes_file is not None:
+        try:
+            classes_sha256 = hashlib.sha256(Path(settings.classes_file).read_bytes()).hexdigest()
+        except OSError as error:
+            raise PackError(f"cannot read class file {settings.classes_file}: {error.strerror}") from None
+    options = {
+        "layout": PACK_LAYOUT,
+        "classes_file_sha256": classes_sha256,
+        "val_fraction": settings.val_fraction,
+        "test_fraction": settings.test_fraction,
+        "split_seed": settings.split_seed,
+        "resize": settings.resize,
+        "size": settings.size,
+        "jpeg_quality": settings.jpeg_quality,
+        "max_pixels": settings.max_pixels,
+        "background": list(settings.background),
+        "shard_max_samples": settings.shard_max_samples,
+        "shard_max_bytes": settings.shard_max_bytes,
+        "shuffle_seed": settings.shuffle_seed,
+    }
+    return json.loads(json.dumps(options))  # the same types as after reading it back
+
+
+def previous_options(out: Path, state: PackState) -> dict[str, Any] | None:
+    """Return the options of the pack in OUT, from its resume state or else its manifest.
+
+    A state without a plan belongs to a run that stopped before writing any shard, so there is
+    nothing to keep and it returns None.
+    """
+    recorded = state.read_options()
+    if recorded is not None:
+        return recorded.get("options") if recorded.get("plan") else None
+    try:
+        return json.loads((out / MANIFEST).read_text()).get("pack_options")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def prepare_output(out: Path, options: dict[str, Any], overwrite: bool) -> None:
+    """Create OUT, or check that it may be resumed or replaced, and record the options."""
+    if out.exists() and not out.is_dir():
+        raise PackError(f"OUT {out} is a file; pass a folder for the dataset")
+    out.mkdir(parents=True, exist_ok=True)
+    state = PackState(out)
+    previous = previous_options(out, state)
+    foreign = sorted(path.name for path in out.iterdir() if not is_output_entry(path.name))
+
+    if previous is None:
+        if foreign and not overwrite:
+            raise PackError(
+                f"OUT {out} is not empty ({', '.join(foreign[:5])}) and contains no dataset written by toolkit pack; "
+                "choose a new or empty folder, or pass --overwrite to write the dataset beside these files"
+            )
+        clear_output(out)
+    elif previous != options:
+        if not overwrite:
+            raise PackError(
+                f"OUT {out} contains a dataset packed with other options ({describe_changes(previous, options)}); "
+                "pass --overwrite to replace it, or choose another OUT"
+            )
+        logger.info("replacing the dataset in %s (--overwrite)", out)
+        clear_output(out)
+    elif state.read_options() is None:
+        # a dataset without resume state cannot be checked shard by shard, so it is packed again
+        clear_output(out)
+    else:
+        logger.info("resuming the pack in %s", out)
+        return
+    state.write_options(options, plan=None)
+
+
+def describe_changes(previous: dict[str, Any], current: dict[str, Any]) -> str:
+    keys = sorted(set(previous) | set(current))
+    changes = [f"{key} {previous.get(key)!r} -> {current.get(key)!r}" for key in keys if previous.get(key) != current.get(key)]
+    return ", ".join(changes)
+
+
+def resume_segments(
+    out: Path, state: PackState, options: dict[str, Any], digest: str, overwrite: bool
+) -> dict[str, list[Segment]]:
+    """Return the finished segments to keep, per split, after checking the plan digest."""
+    recorded = state.read_options() or {}
+    plan = recorded.get("plan")
+    if plan is not None and plan != digest:
+        if not overwrite:
+            raise PackError(
+                f"the files in SRC changed since OUT {out} was packed (images added, removed, moved or edited); "
+                "pass --overwrite to pack OUT again from the start, or choose another OUT"
+            )
+        logger.info("SRC changed since %s was packed; packing it again (--overwrite)", out)
+        clear_output(out)
+    segments = state.read_segments() if plan == digest else []
+
+    # the manifest is rewritten at the end; until then OUT must not look complete
+    (out / MANIFEST).unlink(missing_ok=True)
+    finished = keep_finished(out, segments)
+    state.write_options(options, plan=digest)
+    state.write_segments([segment for split in SPLITS for segment in finished[split]])
+    return finished
+
+
+def plan_digest(listing: Listing, labels: np.ndarray, shas: np.ndarray, plan: SplitPlan) -> str:
+    """Return a sha256 over the classes and every (path, label, content hash) in shard order."""
+    digest = hashlib.sha256(json.dumps(listing.classes).encode())
+    for split in SPLITS:
+        digest.update(f"\n{split}\n".encode())
+        for entry in plan.order[split].tolist():
+            digest.update(f"{listing.paths[entry]}\0{labels[entry]}\0".encode())
+            digest.update(shas[entry].tobytes())
+    return digest.hexdigest()
+
+
+def no_images_message(src: Path, listing: Listing) -> str:
+    counts = Counter(reject.reason for reject in listing.rejects) + listing.ignored
+    skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+    layout = "SRC/CLASS/IMAGE" if listing.kind == "folder" else "a path,label[,split] row per image"
+    return f"no candidate images in {src} ({skipped or 'nothing found'}); expected {layout}"
+
+
+# ---------------------------------------------------------------------------------------------
+# worker processes
+
+
+_image_options: ImageOptions | None = None
+
+
+def init_worker(options: ImageOptions, in_process: bool = False) -> None:
+    """Set the image options of this worker; workers leave Ctrl-C to the parent, which stops them."""
+    global _image_options
+    _image_options = options
+    if not in_process:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class HashResult(NamedTuple):
+    sha256: bytes | None  # None when the file is rejected
+    reason: str = ""
+    detail: str = ""
+
+
+class PackResult(NamedTuple):
+    image: PackedImage | None  # None when the file is rejected
+    sha256: str = ""
+    reason: str = ""
+    detail: str = ""
+
+
+def hash_file(path: str) -> HashResult:
+    """Return the sha256 of a file's bytes, or the reason it cannot be read or is empty."""
+    try:
+        with open(path, "rb") as file:
+            digest = hashlib.file_digest(file, "sha256")
+            size = file.tell()
+    except OSError as error:
+        return HashResult(None, "unreadable", error.strerror or str(error))
+    if size == 0:
+        return HashResult(None, "empty", "the file is empty")
+    return HashResult(digest.digest())
+
+
+def pack_file(path: str) -> PackResult:
+    """Read, hash and normalize one image file."""
+    assert _image_options is not None, "init_worker sets the image options first"
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        return PackResult(None, "", "unreadable", error.strerror or str(error))
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        image = normalize_image(data, _image_options)
+    except RejectedImage as error:
+        return PackResult(None, sha256, error.reason, str(error))
+    return PackResult(image, sha256)
+
+
+@contextmanager
+def worker_pool(workers: int, options: ImageOptions) -> Iterator[Pool | None]:
+    """Yield a process pool of WORKERS, or None to run in this process when WORKERS is 1."""
+    if workers <= 1:
+        init_worker(options, in_process=True)
+        yield None
+        return
+    # NOTE: Pool.imap waits forever when the kernel kills a worker (for example for memory), so
+    # such a run hangs instead of failing. Stop it with Ctrl-C and rerun, which resumes.
+    pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=(options,))
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
+
+
+class BoundedImap:
+    """`pool.imap` in order with at most `window` tasks sent and not yet consumed.
+
+    Pool.imap alone reads its whole input and queues every result, so a slow consumer would
+    hold every JPEG in memory. Here the input generator, which runs in the pool's task thread,
+    waits for a permit that each consumed result returns. Without a pool, the tasks run here.
+    """
+
+    def __init__(self, pool: Pool | None, function: Callable, tasks: Iterable, chunksize: int, window: int) -> None:
+        self.pool = pool
+        self.function = function
+        self.tasks = tasks
+        self.chunksize = chunksize
+        self.permits = threading.Semaphore(max(window, chunksize))
+        self.stopped = threading.Event()
+
+    def __enter__(self) -> BoundedImap:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # the task thread checks this flag, so the pool can be terminated without a hang
+        self.stopped.set()
+
+    def __iter__(self) -> Iterator:
+        if self.pool is None:
+            yield from map(self.function, self.tasks)
+            return
+        for result in self.pool.imap(self.function, self._gated_tasks(), self.chunksize):
+            self.permits.release()
+            yield result
+
+    def _gated_tasks(self) -> Iterator:
+        for task in self.tasks:
+            while not self.permits.acquire(timeout=0.1):
+                if self.stopped.is_set():
+                    return
+            if self.stopped.is_set():
+                return
+            yield task
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+class RateColumn(ProgressColumn):
+    """Images per second."""
+
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} images/s" if speed else "- images/s", style="progress.data.speed")
+
+
+class NoProgress:
+    """Stands in for rich's Progress when no bar is shown."""
+
+    def add_task(self, description: str, total: float | None = None, completed: int = 0) -> int:
+        return 0
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        pass
+
+
+@contextmanager
+def open_progress(show: bool, console: Console | None) -> Iterator[Progress | NoProgress]:
+    """Yield a transient progress bar with images/s and ETA on stderr, or a no-op when SHOW is False."""
+    if not show:
+        yield NoProgress()
+        return
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        yield progress
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 1: hashes
+
+
+@dataclass
+class Hashes:
+    """Content hashes of the listing's entries."""
+
+    shas: np.ndarray  # (N, 32) uint8; zero rows for rejected entries
+    valid: np.ndarray  # (N,) bool
+    rejects: list[Reject]
+
+
+def hash_entries(listing: Listing, pool: Pool | None, workers: int, progress: Progress | NoProgress) -> Hashes:
+    """Hash every listed file in the worker processes.
+
+    NOTE: a resumed run hashes every file again, because the plan digest that decides what
+    can be kept needs the content hashes. No hash cache is kept in OUT/.pack-state.
+    """
+    N = len(listing)
+    shas = np.zeros((N, 32), dtype=np.uint8)
+    valid = np.zeros(N, dtype=bool)
+    rejects = []
+    task = progress.add_task("hashing", total=N)
+    root = str(listing.root)
+    paths = (os.path.join(root, path) for path in listing.paths)
+    with BoundedImap(pool, hash_file, paths, HASH_CHUNK, workers * HASH_CHUNK * CHUNKS_IN_FLIGHT) as results:
+        for index, result in enumerate(results):
+            if result.sha256 is None:
+                rejects.append(Reject(listing.paths[index], result.reason, result.detail))
+            else:
+                shas[index] = np.frombuffer(result.sha256, dtype=np.uint8)
+                valid[index] = True
+            progress.advance(task)
+    return Hashes(shas, valid, rejects)
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 2: shards
+
+
+def write_shards(
+    out: Path,
+    listing: Listing,
+    labels: np.ndarray,
+    shas: np.ndarray,
+    plan: SplitPlan,
+    finished: dict[str, list[Segment]],
+    settings: PackConfig,
+    state: PackState,
+    pool: Pool | None,
+    workers: int,
+    progress: Progress | NoProgress,
+) -> dict[str, list[Segment]]:
+    """Write the shards of every split after the finished ones and return all segments per split."""
+    total = sum(len(order) for order in plan.order.values())
+    done = sum(finished[split][-1].end for split in SPLITS if finished[split])
+    task = progress.add_task("packing", total=total, completed=done)
+    root = str(listing.root)
+    segments = {}
+    for split in SPLITS:
+        order = plan.order[split]
+        writer = SplitWriter(out, split, settings.shard_max_samples, settings.shard_max_bytes, state, finished[split])
+        start = writer.start
+        paths = (os.path.join(root, listing.paths[entry]) for entry in order[start:].tolist())
+        try:
+            with BoundedImap(pool, pack_file, paths, PACK_CHUNK, workers * PACK_CHUNK * CHUNKS_IN_FLIGHT) as results:
+                for position, result in zip(range(start, len(order)), results):
+                    entry = int(order[position])
+                    add_result(writer, split, position, entry, result, listing, labels, shas)
+                    progress.advance(task)
+            segments[split] = writer.finish(len(order))
+        except BaseException:
+            writer.abort()
+            raise
+    return segments
+
+
+def add_result(
+    writer: SplitWriter,
+    split: str,
+    position: int,
+    entry: int,
+    result: PackResult,
+    listing: Listing,
+    labels: np.ndarray,
+    shas: np.ndarray,
+) -> None:
+    """Write one worker result as a sample, or record why it is rejected."""
+    path = listing.paths[entry]
+    if result.image is None:
+        writer.reject(position, Reject(path, result.reason, result.detail))
+        return
+    if result.sha256 != shas[entry].tobytes().hex():
+        writer.reject(position, Reject(path, "changed", "the file changed between hashing and packing; pack again"))
+        return
+    label = int(labels[entry])
+    sample = encode_sample(sample_key(split, position), label, listing.classes[label], path, result.sha256, result.image)
+    writer.add(position, sample)
+
+
+# ---------------------------------------------------------------------------------------------
+# duplicates and the summary
+
+
+def duplicate_rejects(listing: Listing, duplicates: Duplicates) -> list[Reject]:
+    copies = np.flatnonzero(duplicates.original >= 0).tolist()
+    return [
+        Reject(listing.paths[entry], DUPLICATE, f"same bytes as {listing.paths[duplicates.original[entry]]}")
+        for entry in copies
+    ]
+
+
+def count_duplicates(listing: Listing, duplicates: Duplicates) -> dict[str, int]:
+    counts = {
+        "cross-class": sum(len(group) for group in duplicates.cross_class),
+        "repeated-row": listing.repeated_rows,
+        "same-class": int(np.count_nonzero(duplicates.original >= 0)),
+    }
+    return {kind: count for kind, count in counts.items() if count}
+
+
+def warn_cross_class(listing: Listing, duplicates: Duplicates) -> None:
+    groups = duplicates.cross_class
+    if not groups:
+        return
+    examples = "; ".join(" = ".join(listing.paths[entry] for entry in group) for group in groups[:WARN_NAMES])
+    logger.warning(
+        "%d files have the same bytes as a file under another class; each is packed under its own label: %s%s",
+        sum(len(group) for group in groups),
+        examples,
+        "; ..." if len(groups) > WARN_NAMES else "",
+    )
+
+
+def summarize(
+    src: Path,
+    out: Path,
+    listing: Listing,
+    labels: np.ndarray,
+    duplicates: Duplicates,
+    plan: SplitPlan,
+    segments: dict[str, list[Segment]],
+    reject_counts: dict[str, int],
+    duplicate_counts: dict[str, int],
+    finished: dict[str, list[Segment]],
+) -> PackSummary:
+    """Count classes, samples, shards, bytes, rejects and duplicates per split."""
+    C = len(listing.classes)
+    packed_per_class = np.zeros(C, dtype=np.int64)
+    copies = np.flatnonzero(duplicates.original >= 0)
+    copy_splits = plan.split_of[duplicates.original[copies]]
+    splits = {}
+    for code, split in enumerate(SPLITS):
+        order = plan.order[split]
+        packed = np.ones(len(order), dtype=bool)
+        rejected = [position for segment in segments[split] for position, _ in segment.rejects]
+        packed[rejected] = False
+        class_counts = np.bincount(labels[order[packed]], minlength=C)
+        packed_per_class += class_counts
+        shards = [segment.shard for segment in segments[split] if segment.shard]
+        splits[split] = SplitSummary(
+            classes=int(np.count_nonzero(class_counts)),
+            samples=sum(shard.samples for shard in shards),
+            shards=len(shards),
+            bytes=sum(shard.bytes for shard in shards),
+            rejects=len(rejected),
+            duplicates=int(np.count_nonzero(copy_splits == code)),
+        )
+    return PackSummary(
+        source=str(src),
+        output=str(out),
+        classes=C,
+        splits=splits,
+        rejects=dict(sorted(reject_counts.items())),
+        duplicates=dict(sorted(duplicate_counts.items())),
+        ignored=dict(sorted(listing.ignored.items())),
+        empty_classes=[listing.classes[label] for label in np.flatnonzero(packed_per_class == 0).tolist()],
+        small_classes=[listing.classes[label] for label in plan.small_classes],
+        resumed_shards=sum(1 for split in SPLITS for segment in finished[split] if segment.shard),
+    )
