@@ -259,3 +259,32 @@ def test_bounded_imap_order_and_window():
 def test_bounded_imap_in_process():
     with BoundedImap(None, abs, [-3, -1, -2], chunksize=4, window=8) as results:
         assert list(results) == [3, 1, 2]
+
+
+def test_shard_bytes_equal_tarfile(tmp_path):
+    import io
+    import tarfile
+
+    from toolkit.pack.shards import Sample, ShardFile
+
+    samples = [
+        Sample(key=f"train_{index:09d}", members=(("cls", b"3"), ("jpg", b"\xff" * (700 * index + 1)), ("json", b"{}")))
+        for index in range(5)
+    ]
+    shard = ShardFile(tmp_path, "train/train-000000.tar")
+    for sample in samples:
+        shard.add(sample)
+    info = shard.close()
+
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for extension, data in sample.members:
+                member = tarfile.TarInfo(f"{sample.key}.{extension}")
+                member.size, member.mtime, member.mode = len(data), 0, 0o644
+                member.uname = member.gname = ""
+                tar.addfile(member, io.BytesIO(data))
+    written = (tmp_path / "train" / "train-000000.tar").read_bytes()
+    assert written == expected.getvalue()
+    assert info.bytes == len(written)
+    assert info.samples == 5

@@ -114,6 +114,29 @@ class _HashingFile:
         return self.length
 
 
+def ustar_header(name: str, size: int) -> bytes:
+    """Return the 512-byte ustar header of a regular file as pack writes it.
+
+    The bytes equal what `tarfile` writes for a TarInfo with mode 0o644, uid and gid 0, empty
+    user and group names and mtime 0, in USTAR_FORMAT; building them directly is several times
+    faster than tarfile's generic header code, which dominated the cost of passthrough packing.
+    """
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name {name!r} is longer than the 100 bytes of a ustar header")
+    header = bytearray(
+        encoded.ljust(100, b"\0")
+        + b"0000644\0" + b"0000000\0" + b"0000000\0"  # mode, uid, gid
+        + b"%011o\0" % size + b"00000000000\0"  # size, mtime
+        + b"        "  # checksum placeholder: eight spaces while summing
+        + b"0" + b"\0" * 100  # type flag (regular file), link name
+        + b"ustar\x0000" + b"\0" * 32 + b"\0" * 32  # magic and version, user and group names
+        + b"\0" * 16 + b"\0" * 155  # device numbers (unset for regular files), name prefix
+    ).ljust(tarfile.BLOCKSIZE, b"\0")
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
 class ShardFile:
     """One tar shard being written under a temporary name."""
 
@@ -123,27 +146,25 @@ class ShardFile:
         self.path = out / name
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.partial, "wb")
+        self.file = open(self.partial, "wb", buffering=1 << 20)
         self.hashing = _HashingFile(self.file)
-        self.tar = tarfile.open(fileobj=self.hashing, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
         self.member_bytes = 0
 
     def add(self, sample: Sample) -> None:
         for extension, data in sample.members:
-            info = tarfile.TarInfo(f"{sample.key}.{extension}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self.tar.addfile(info, io.BytesIO(data))
+            padding = _round_up(len(data), tarfile.BLOCKSIZE) - len(data)
+            self.hashing.write(ustar_header(f"{sample.key}.{extension}", len(data)))
+            self.hashing.write(data)
+            self.hashing.write(b"\0" * padding)
         self.samples += 1
         self.member_bytes += sample.tar_bytes
 
     def close(self) -> ShardInfo:
         """Finish the tar file, sync it to disk and rename it to its final name."""
-        self.tar.close()
+        # tarfile's end of archive: two zero blocks, then zeros up to a whole record
+        end = archive_bytes(self.member_bytes) - self.member_bytes
+        self.hashing.write(b"\0" * end)
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
