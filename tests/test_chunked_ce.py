@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from toolkit.ops import chunked_cross_entropy, chunked_logsumexp, chunked_topk
 
@@ -332,7 +333,7 @@ class _LargestOutput(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in torch.utils._pytree.tree_leaves(out):
+        for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 self.max_numel = max(self.max_numel, tensor.numel())
         return out

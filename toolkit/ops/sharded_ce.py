@@ -1,6 +1,6 @@
 """Cross-entropy and top-k over a class matrix split by class range across a process group.
 
-Rank r holds the rows [class_start, class_start + C_r) of the C × D class matrix. Every rank
+Rank r keeps the rows [class_start, class_start + C_r) of the C × D class matrix. Every rank
 gathers the embeddings and labels of all ranks, scores them against its own rows one chunk at a
 time (`toolkit.ops.chunked_ce._partial_stats`), and the ranks combine their softmax statistics
 with two all-reduces: the row maxima with MAX, then the sums of exponentials (rescaled to the
@@ -163,8 +163,8 @@ def sharded_cross_entropy(
     Every rank of `group` must call this together. embeddings: (B, D) this rank's rows, any float
     dtype. weight: (C_r, D) this rank's class rows, the global classes [class_start,
     class_start + C_r). labels: (B,) int64 global class indices in [0, num_classes).
-    uneven: set when ranks may pass different B (for example 0), at the price of one more small
-    all-gather; otherwise every rank must pass the same B.
+    uneven: set it when ranks may pass different B, 0 included. It costs one more small
+    all-gather. Without it every rank must pass the same B.
     reduction: "mean" and "sum" over the global batch, the same value on every rank; "none"
     returns the losses of this rank's rows (B,).
     row_update: see `RowUpdate`; the weight then gets no gradient.
@@ -190,7 +190,7 @@ class SampledLoss:
     """The loss of one sampled step and the class rows it used.
 
     rows: (S_r,) sorted local row indices of this rank's shard that the step kept.
-    weight_rows: (S_r, D) a copy of those rows. It is a leaf whose `.grad` holds their gradient
+    weight_rows: (S_r, D) a copy of those rows. It is a leaf whose `.grad` is their gradient
     after backward, unless a row update consumed the gradient.
     """
 
@@ -316,9 +316,10 @@ def sample_class_rows(
 ) -> Tensor:
     """Return the sorted local rows one sampled step keeps, as an int64 tensor.
 
-    Keeps every row whose class is among `labels` (global indices; others are ignored) and fills
-    up with rows drawn uniformly without replacement until ceil(sample_rate × num_rows) rows are
-    kept. When the batch's classes alone are more, all of them are kept.
+    Keeps every row whose class is among `labels` (global indices, and labels of other ranks'
+    rows are ignored). Then adds rows drawn uniformly without replacement until
+    ceil(sample_rate × num_rows) rows are kept. When the batch's classes alone are more, all of
+    them are kept.
     """
     device = labels.device
     local = labels - class_start
@@ -341,7 +342,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     """Per-row losses (B_all,) of gathered `x` against this rank's rows; the same on every rank.
 
     local_labels: (B_all,) each row's label as an index into `weight`, or any index outside
-    [0, C_r) where another rank holds the class. num_classes: the classes of the whole softmax,
+    [0, C_r) where another rank has the class. num_classes: the classes of the whole softmax,
     which label smoothing spreads over.
     """
 
@@ -526,7 +527,7 @@ def _check_options(
 def _check_range(weight: Tensor, class_start: int, num_classes: int) -> None:
     C_r = weight.shape[0]
     if C_r < 1:
-        raise ValueError("this rank holds no class rows; every rank needs at least one (num_classes >= world_size)")
+        raise ValueError("invalid empty class shard: every rank needs at least one class row, so use num_classes >= world_size")
     if class_start < 0 or class_start + C_r > num_classes:
         raise ValueError(
             f"rows [{class_start}, {class_start + C_r}) are outside the {num_classes} classes; "
