@@ -64,3 +64,30 @@ docker-eval CHECKPOINT DATASET *ARGS:
         --volume {{ quote(clean(join(caller_dir, CHECKPOINT))) }}:/checkpoint.pt:ro \
         --volume {{ quote(clean(join(caller_dir, DATASET))) }}:/data:ro \
         {{ quote(image) }} eval /checkpoint.pt /data {{ ARGS }}
+
+# ---------------------------------------------------------------------------------------------
+# CJK character recognition from the installed fonts (docs/cjk.md). SET is gb2312-1 (3,755
+# classes, recipe pipelines/cjk-3755.toml) or uro (U+4E00..U+9FFF, pipelines/cjk-full.toml).
+
+# Python of the project's virtual environment, which `./dev test` creates.
+python := ".venv/bin/python"
+
+# Render SET into DIR (images/, list.csv, classes.txt); ARGS go to pipelines/cjk/build.py.
+cjk-build SET="gb2312-1" DIR=("cjk-" + SET) *ARGS:
+    @test -x {{ quote(python) }} || { echo "error: {{ python }} not found; run ./dev test once to create the environment" >&2; exit 1; }
+    {{ quote(python) }} -m pipelines.cjk.build --classes {{ quote(SET) }} --out {{ quote(clean(join(caller_dir, DIR))) }} {{ ARGS }}
+
+# Build, pack, train and evaluate SET in DIR: DIR/dataset, DIR/run, DIR/report.json; ARGS go to the builder.
+cjk SET="gb2312-1" DIR=("cjk-" + SET) *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case {{ quote(SET) }} in
+        gb2312-1) recipe=pipelines/cjk-3755.toml ;;
+        uro) recipe=pipelines/cjk-full.toml ;;
+        *) echo "error: unknown CJK set {{ SET }}; use gb2312-1 or uro" >&2; exit 1 ;;
+    esac
+    dir={{ quote(clean(join(caller_dir, DIR))) }}
+    {{ quote(just_executable()) }} cjk-build {{ quote(SET) }} "$dir" {{ ARGS }}
+    ./dev toolkit pack "$dir/list.csv" "$dir/dataset" --classes "$dir/classes.txt" --config "$recipe"
+    ./dev toolkit train "$dir/dataset" "$dir/run" --config "$recipe"
+    ./dev toolkit eval "$dir/run/checkpoints/best.pt" "$dir/dataset" --config "$recipe" --report "$dir/report.json"
