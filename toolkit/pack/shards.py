@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,16 +161,23 @@ class ShardFile:
         self.samples += 1
         self.member_bytes += sample.tar_bytes
 
-    def close(self) -> ShardInfo:
-        """Finish the tar file, sync it to disk and rename it to its final name."""
+    def close(self, record: Callable[[ShardInfo], None] | None = None) -> ShardInfo:
+        """Finish the tar file, sync it to disk, pass its ShardInfo to `record`, then rename it.
+
+        Recording before the rename means that every finished shard on disk has a resume record,
+        whenever the process is killed.
+        """
         # tarfile's end of archive: two zero blocks, then zeros up to a whole record
         end = archive_bytes(self.member_bytes) - self.member_bytes
         self.hashing.write(b"\0" * end)
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        info = ShardInfo(name=self.name, samples=self.samples, bytes=self.hashing.length, sha256=self.hashing.digest.hexdigest())
+        if record is not None:
+            record(info)
         os.replace(self.partial, self.path)
-        return ShardInfo(name=self.name, samples=self.samples, bytes=self.hashing.length, sha256=self.hashing.digest.hexdigest())
+        return info
 
     def abort(self) -> None:
         """Close and delete the partial file."""
@@ -382,9 +390,16 @@ class SplitWriter:
         return archive_bytes(shard.member_bytes + sample.tar_bytes) <= self.max_bytes
 
     def _close_segment(self, end: int) -> None:
-        info = self.shard.close() if self.shard is not None else None
-        segment = Segment(self.split, self.start, end, info, self.rejects)
-        self.state.append_segment(segment)
+        def record(info: ShardInfo | None) -> Segment:
+            segment = Segment(self.split, self.start, end, info, self.rejects)
+            self.state.append_segment(segment)
+            return segment
+
+        if self.shard is None:
+            segment = record(None)
+        else:
+            info = self.shard.close(record=record)
+            segment = Segment(self.split, self.start, end, info, self.rejects)
         self.segments.append(segment)
         self.shard = None
         self.rejects = []
