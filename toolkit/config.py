@@ -80,6 +80,8 @@ class TrainConfig:
     # loss
     class_chunk: int = 8192
     label_smoothing: float = 0.0
+    class_sample_rate: float = 1.0  # fraction of the classes one step uses (sampled softmax); 1 uses all
+    fused_head_update: bool = False  # SGD on the class matrix chunk by chunk inside the loss's backward pass
     # input
     image_size: int = 224
     batch_size: int = 64
@@ -105,6 +107,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    auto_batch: bool = False  # use the largest batch that the memory plan fits on the device
 
 
 @dataclass
@@ -132,6 +135,15 @@ class PredictConfig:
     batch_size: int = 32
     precision: Precision = "auto"
     device: str = "auto"
+
+
+@dataclass
+class PlanConfig:
+    """Settings of `toolkit plan` besides the `[train]` settings it plans."""
+
+    gpu_memory: str | None = None  # such as "11GiB"; None reads the current CUDA device's memory
+    world_size: int = 1  # GPUs that share the class matrix by class range
+    naive: bool = False  # plan a plain run instead: full linear layer and logits, fp32 Adam
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +273,7 @@ __all__ = [
     "ConfigError",
     "EvalConfig",
     "PackConfig",
+    "PlanConfig",
     "PredictConfig",
     "TrainConfig",
     "build",

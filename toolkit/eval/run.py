@@ -19,6 +19,7 @@ from toolkit.eval.inference import score_batches
 from toolkit.eval.metrics import EvalCounts
 from toolkit.eval.report import EvalReport, class_range_rows, extreme_classes, shard_rows
 from toolkit.train.checkpoint import load_checkpoint, model_from_checkpoint
+from toolkit.train.distributed import reduce_eval_counts, setup_distributed, teardown_distributed
 from toolkit.train.precision import Precision, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ def run_eval(
         raise EvalError(f"the {config.split!r} split of {dataset.root} has no samples; choose another --split")
     model, classes, train_config = model_from_checkpoint(checkpoint, checkpoint_path)
 
-    # device and precision
-    device = resolve_device(config.device)
+    # device and precision; under torchrun each process scores its part of the split
+    ctx = setup_distributed(config.device)
+    device = ctx.device if ctx is not None else resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     image_size = config.image_size or train_config.image_size
     model.to(device)
@@ -66,9 +68,13 @@ def run_eval(
 
     # score every batch
     loader = build_eval_loader(
-        dataset, config.split, batch_size=config.batch_size, workers=config.workers, image_size=image_size
+        dataset, config.split, batch_size=config.batch_size, workers=config.workers, image_size=image_size,
+        rank=ctx.rank if ctx is not None else 0, world_size=ctx.world_size if ctx is not None else 1,
     )
     counts = evaluate_split(model, loader, dataset, config.split, mapping, device, precision, progress)
+    if ctx is not None:
+        counts = reduce_eval_counts(counts, ctx)
+        teardown_distributed(ctx)
 
     # tables
     settings = {

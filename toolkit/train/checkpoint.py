@@ -4,15 +4,21 @@ A checkpoint is a dict of plain containers and tensors:
 
     format, version       "toolkit-checkpoint", 1
     model                 state dict: backbone, neck and the full C × D class matrix
-    optimizer, scaler     state dicts (scaler is {} without fp16)
+    optimizer, scaler     state dicts (scaler is {} without fp16); optimizer has no state
+                          for the class matrix, which is in head_optimizer
+    head_optimizer        the class matrix's optimizer state by name, such as
+                          {"momentum_buffer": (C, D)}; tensors with C rows are re-split by
+                          class range when a run resumes on another number of processes
     scheduler             LR scheduler state dict (its position is the optimizer step)
     step, epoch           optimizer steps done; epoch the next step belongs to
     epoch_step            optimizer steps done inside that epoch
-    rng                   {"torch": ByteTensor, "cuda": [ByteTensor, ...]}
+    world_size            processes that trained the run when it was saved
+    rng                   {"torch": ByteTensor, "cuda": [ByteTensor, ...]} of rank 0
     classes               class names; index = label
     config                the resolved TrainConfig as a dict (paths as strings)
     best_top1             best validation top-1 so far (-1.0 before the first validation)
-    counters              skipped samples, skipped non-finite steps
+    counters              skipped samples, skipped non-finite steps, repeated samples and
+                          samples left out, summed over processes
 """
 
 from __future__ import annotations
@@ -61,13 +67,17 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU without unpickling arbitrary objects."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU without unpickling arbitrary objects.
+
+    mmap=True maps the file instead of reading it, so tensors are read from disk when used:
+    a process that keeps only some rows of the class matrix reads only those.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch.load raises many types for a damaged or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
