@@ -167,3 +167,26 @@ def test_cli_rejects_unknown_key(tiny_dataset, tmp_path):
     result = CliRunner().invoke(app, ["train", str(tiny_dataset), str(tmp_path / "run"), "--config", str(recipe)])
     assert result.exit_code == 1
     assert "batchsize" in result.output
+
+
+def test_grad_accum_and_clipping_step_count(tiny_dataset, tmp_path):
+    plain = train(tiny_dataset, tmp_path / "plain", replace(TINY, batch_size=4, epochs=1))
+    accumulated = train(tiny_dataset, tmp_path / "accum", replace(TINY, batch_size=4, epochs=1, grad_accum=2, clip_grad=1.0))
+    # two micro-batches make one optimizer step, so an epoch has half the steps (rounded down)
+    assert accumulated["step"] == plain["step"] // 2
+    losses = [record["loss"] for record in read_metrics(tmp_path / "accum", "train")]
+    assert len(losses) == accumulated["step"]
+    assert all(math.isfinite(loss) for loss in losses)
+
+
+def test_clipping_bounds_update(tiny_dataset, tmp_path):
+    # with a tiny clip norm and plain SGD without momentum, one step moves the weights by at most lr * clip
+    config = replace(TINY, steps=1, clip_grad=1e-3, lr=1.0, momentum=0.0, warmup_steps=0, weight_decay=0.0)
+    torch.manual_seed(config.seed)
+    from toolkit.model import build_model
+
+    initial = build_model(config, 6).state_dict()
+    train(tiny_dataset, tmp_path / "run", config)
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    squared = sum(float((final[name].float() - initial[name].float()).pow(2).sum()) for name in initial if initial[name].is_floating_point() and "running" not in name)
+    assert math.sqrt(squared) <= 1e-3 * 1.0 + 1e-6
