@@ -58,7 +58,7 @@ def saved_activation_bytes(
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in model_storages and not _copies_parameter(tensor, parameter_ids):
+        if storage.data_ptr() not in model_storages and not copies_parameter(tensor, parameter_ids):
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
@@ -78,7 +78,7 @@ def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _copies_parameter(tensor: torch.Tensor, parameter_ids: set[int], max_depth: int = 8) -> bool:
+def copies_parameter(tensor: torch.Tensor, parameter_ids: set[int], max_depth: int = 8) -> bool:
     """Return whether `tensor` comes from one model parameter through single-input ops only.
 
     Such a tensor (a cast, transpose or view of a weight) does not depend on the batch. The walk

@@ -36,6 +36,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from toolkit.model import ClassHead, build_backbone, build_neck
 from toolkit.model.backbone import STAGES
+from toolkit.model.memory import copies_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def _saved_by_unit(
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         storage_id = storage._cdata  # the address of the storage, unique while it is alive
-        if storage_id not in seen and storage_id not in model_storages and not _copies_parameter(tensor, parameter_ids):
+        if storage_id not in seen and storage_id not in model_storages and not copies_parameter(tensor, parameter_ids):
             seen.add(storage_id)
             saved[names[current["unit"]]][storage_id] = storage.nbytes()
         return tensor
@@ -288,25 +289,6 @@ def _checkpointing(backbone: nn.Module, mode: str) -> Iterator[None]:
 
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
-
-
-def _copies_parameter(tensor: torch.Tensor, parameter_ids: set[int], max_depth: int = 8) -> bool:
-    """Return whether `tensor` comes from one parameter through single-input ops (a cast, a transpose).
-
-    Such a tensor does not grow with the batch. The walk follows autograd nodes with one input
-    down to the AccumulateGrad node of a parameter.
-    """
-    node = tensor.grad_fn
-    for _ in range(max_depth):
-        if node is None:
-            return False
-        variable = getattr(node, "variable", None)  # only AccumulateGrad nodes have one
-        if variable is not None:
-            return id(variable) in parameter_ids
-        if len(node.next_functions) != 1:
-            return False
-        node = node.next_functions[0][0]
-    return False
 
 
 def clear_cache() -> None:
