@@ -61,7 +61,8 @@ def run_demo(directory: Path, num_classes: int, images_per_class: int, console: 
 
     # pack
     console.rule("toolkit pack")
-    summary = run_pack(images, dataset, PackConfig(overwrite=True), show_progress=True, console=console)
+    # small shards, so that the eval report's per-shard table has several rows
+    summary = run_pack(images, dataset, PackConfig(overwrite=True, shard_max_samples=200), show_progress=True, console=console)
     render_summary(summary, console)
 
     # train
