@@ -480,9 +480,9 @@ def test_shuffle_before_decode(tmp_path, monkeypatch):
             events.append(("read", sample.key))
             yield sample
 
-    def recording_decode(jpeg, image_size, rng):
+    def recording_decode(jpeg, image_size, rng, **options):
         events.append(("decode", None))
-        return decode(jpeg, image_size, rng)
+        return decode(jpeg, image_size, rng, **options)
 
     monkeypatch.setattr(stream_module, "iter_shard_samples", recording_read)
     monkeypatch.setattr(stream_module, "decode_train_crop", recording_decode)
@@ -635,3 +635,34 @@ def test_shard_counts_match_reference(small_dataset):
         shard for batch in build_eval_loader(dataset, "train", batch_size=5, workers=0, image_size=IMAGE_SIZE) for shard in batch.shards
     )
     assert counts == {shard.name: shard.samples for shard in dataset.split("train").shards}
+
+
+def test_train_crop_without_flip_keeps_sides():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from toolkit.data.transforms import decode_train_crop
+
+    # left half dark, right half bright: a flip would put the bright half on the left
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[:, 32:] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        crop = decode_train_crop(buffer.getvalue(), 32, rng, scale=(0.9, 1.0), flip=False)
+        assert crop[:, :, :8].float().mean() < crop[:, :, -8:].float().mean()
+
+
+def test_crop_scale_bounds_area():
+    import numpy as np
+
+    from toolkit.data.transforms import random_resized_crop_box
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        _, _, height, width = random_resized_crop_box(200, 200, rng, scale=(0.5, 1.0))
+        # rounding of the sides moves the area by at most a few percent
+        assert height * width >= 0.45 * 200 * 200

@@ -120,6 +120,8 @@ def train(
     image_size: Annotated[Optional[int], typer.Option(help="Training crop size in pixels.", min=16)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per micro-batch (per process under torchrun).", min=1)] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.", min=0)] = None,
+    crop_scale_min: Annotated[Optional[float], typer.Option(help="Smallest share of the image area a random resized crop takes.", min=0.0, max=1.0)] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Flip training images left to right at random.")] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="sgd (with momentum) or adamw.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate after warmup.", min=0.0)] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (not applied to norm layers and biases).", min=0.0)] = None,

@@ -87,6 +87,8 @@ class TrainConfig:
     batch_size: int = 64
     workers: int = 4
     shuffle_buffer: int = 2000
+    crop_scale_min: float = 0.08  # smallest share of the image area a random resized crop takes
+    hflip: bool = True  # random horizontal flip; turn off for images a mirror changes, such as text
     # optimisation
     optimizer: OptimizerName = "sgd"
     lr: float = 0.1

@@ -65,6 +65,9 @@ def build_train_loader(
             f"batch_size {config.batch_size} x {world_size} rank(s); lower batch_size"
         )
 
+    if not 0.0 < config.crop_scale_min <= 1.0:
+        raise ConfigError(f"invalid crop_scale_min {config.crop_scale_min}; expected a number in (0, 1]")
+
     shards = epoch_shard_order(shard_files(dataset, "train"), config.seed, epoch)
     spec = StreamSpec(
         shards=tuple(shards),
@@ -78,6 +81,8 @@ def build_train_loader(
         shuffle_buffer=config.shuffle_buffer,
         seed=config.seed,
         epoch=epoch,
+        crop_scale=(config.crop_scale_min, 1.0),
+        flip=config.hflip,
     )
     left_out = split.samples - steps * config.batch_size * world_size
     if rank == 0:

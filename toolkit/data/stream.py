@@ -247,6 +247,8 @@ class StreamSpec:
     shuffle_buffer: int = 0  # training: raw samples per worker
     seed: int = 0
     epoch: int = 0
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # training: bounds of the crop's share of the area
+    flip: bool = True  # training: random horizontal flip
 
     def worker_ranges(self, worker: int, num_workers: int) -> list[ShardRange]:
         """Return the shard ranges that one worker of this rank reads."""
@@ -294,7 +296,9 @@ class ShardStream(IterableDataset):
             augment_rng, shuffle_rng = worker_generators(spec, worker)
             if spec.shuffle_buffer > 1:
                 stages.append(wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=shuffle_rng))
-            transform = partial(decode_train_crop, image_size=spec.image_size, rng=augment_rng)
+            transform = partial(
+                decode_train_crop, image_size=spec.image_size, rng=augment_rng, scale=spec.crop_scale, flip=spec.flip
+            )
         else:
             transform = partial(decode_eval_crop, image_size=spec.image_size)
         stages.append(partial(decode_samples, transform=transform, num_classes=spec.num_classes, counter=counter))

@@ -46,7 +46,7 @@ class Draws(Protocol):
 # geometry
 
 
-def random_resized_crop_box(height: int, width: int, rng: Draws) -> Box:
+def random_resized_crop_box(height: int, width: int, rng: Draws, scale: tuple[float, float] = CROP_SCALE) -> Box:
     """Sample a crop box the way torchvision's RandomResizedCrop.get_params does.
 
     The same draws in the same order give the same box, so a source that forwards to torch's
@@ -55,7 +55,7 @@ def random_resized_crop_box(height: int, width: int, rng: Draws) -> Box:
     area = height * width
     log_low, log_high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     for _ in range(10):
-        target_area = area * rng.uniform(CROP_SCALE[0], CROP_SCALE[1])
+        target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_low, log_high))
         crop_width = int(round(math.sqrt(target_area * aspect)))
         crop_height = int(round(math.sqrt(target_area / aspect)))
@@ -164,15 +164,24 @@ def eval_transform(rgb: np.ndarray, image_size: int) -> torch.Tensor:
 # transforms on JPEG bytes, with DCT-domain downscaling
 
 
-def decode_train_crop(jpeg: bytes, image_size: int, rng: np.random.Generator) -> torch.Tensor:
+def decode_train_crop(
+    jpeg: bytes,
+    image_size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = CROP_SCALE,
+    flip: bool = True,
+) -> torch.Tensor:
     """Decode JPEG bytes and apply the training augmentation: -> (3, S, S) uint8.
+
+    `scale` bounds the crop's share of the image area, and `flip=False` turns off the
+    horizontal flip (for images such as characters that a mirror changes).
 
     The crop box is drawn on the full image size from the header. The decode then shrinks the
     image only as far as keeps that box at least image_size pixels high and wide, so the result
     matches a full decode up to resampling differences.
     """
     height, width = read_jpeg_size(jpeg)
-    box = random_resized_crop_box(height, width, rng)
+    box = random_resized_crop_box(height, width, rng, scale)
 
     # shrink while the crop box stays >= image_size on both sides
     _, _, box_height, box_width = box
@@ -182,7 +191,8 @@ def decode_train_crop(jpeg: bytes, image_size: int, rng: np.random.Generator) ->
 
     image = as_image_tensor(rgb)
     box = scale_box(box, (height, width), rgb.shape[:2])
-    return random_flip(resized_crop(image, box, image_size), rng).contiguous()
+    crop = resized_crop(image, box, image_size)
+    return (random_flip(crop, rng) if flip else crop).contiguous()
 
 
 def decode_eval_crop(jpeg: bytes, image_size: int) -> torch.Tensor:
