@@ -1,8 +1,8 @@
 """Image transforms on uint8 pixels, and normalisation on the device.
 
 Training takes a random resized crop with torchvision's RandomResizedCrop semantics (scale
-(0.08, 1), ratio (3/4, 4/3), ten tries, then a central crop) and a horizontal flip. Evaluation
-resizes the shorter side to floor(image_size / 0.875) and takes a central image_size crop, as
+(0.08, 1) by default, ratio (3/4, 4/3), ten tries, then a central crop) and, unless turned off,
+a horizontal flip. Evaluation resizes the shorter side to floor(image_size / 0.875) and takes a central image_size crop, as
 timm does with its default crop_pct of 0.875. Every step before `normalize_batch` works on
 uint8, so workers never build float images and batches cross process boundaries at 1 byte per
 channel.
