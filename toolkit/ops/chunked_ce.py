@@ -189,10 +189,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 x, weight, labels, head=head, chunk_size=chunk_size, with_sum_logits=label_smoothing > 0
             )
             lse = row_max + sum_exp.log()  # (B,)
-            # The smoothed target puts 1 − ε on the label and ε / C on every class.
-            losses = lse - (1.0 - label_smoothing) * target_logit
-            if sum_logits is not None:
-                losses -= (label_smoothing / C) * sum_logits
+            losses = _smoothed_losses(lse, target_logit, sum_logits, label_smoothing, C)
 
         ctx.save_for_backward(x, weight, labels, lse)
         ctx.head = head
@@ -226,6 +223,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------------------------
 # per-chunk statistics and gradients, reusable by a class-sharded head
+
+
+def _smoothed_losses(
+    lse: Tensor, target_logit: Tensor, sum_logits: Tensor | None, label_smoothing: float, num_classes: int
+) -> Tensor:
+    """Return per-row losses from the log-sum-exp, the target logit and the sum of all logits.
+
+    The smoothed target puts 1 − ε on the label and ε / C on every class.
+    """
+    losses = lse - (1.0 - label_smoothing) * target_logit  # (B,)
+    if sum_logits is not None:
+        losses = losses - (label_smoothing / num_classes) * sum_logits
+    return losses
 
 
 def _partial_stats(

@@ -48,6 +48,7 @@ from toolkit.ops.chunked_ce import (
     _make_head,
     _partial_grads,
     _partial_stats,
+    _smoothed_losses,
     chunked_topk,
 )
 
@@ -364,9 +365,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
                 x, weight, local_labels, head=head, chunk_size=chunk_size, with_sum_logits=label_smoothing > 0
             )
             lse, target_logit, sum_logits = _combine_stats(row_max, sum_exp, target_logit, sum_logits, group)
-            losses = lse - (1.0 - label_smoothing) * target_logit
-            if sum_logits is not None:
-                losses -= (label_smoothing / num_classes) * sum_logits
+            losses = _smoothed_losses(lse, target_logit, sum_logits, label_smoothing, num_classes)
 
         ctx.save_for_backward(x, weight, local_labels, lse)
         ctx.head = head
