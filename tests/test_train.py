@@ -64,7 +64,7 @@ def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
         pass
 
     def stop_at_step_7(event):
-        # an epoch holds 4 or 5 steps, so step 7 falls inside the second epoch, after the save at step 6
+        # an epoch has 4 or 5 steps, so step 7 falls inside the second epoch, after the save at step 6
         if event.get("step") == 7 and event["kind"] in ("step", "train"):
             raise Interrupt
 

@@ -1,6 +1,6 @@
 """Typed settings for each command, resolved from defaults, a TOML file and command-line flags.
 
-A config file holds one table per command (`[pack]`, `[train]`, `[eval]`, `[predict]`,
+A config file contains one table per command (`[pack]`, `[train]`, `[eval]`, `[predict]`,
 `[plan]`). A command reads its own table, and `plan` also reads `[train]` because it plans a
 training run. Flags given on the command line win over the file, and the file wins over the
 defaults. A key that the command does not know is an error, so a typo never goes unnoticed.

@@ -52,12 +52,12 @@ def run_demo(directory: Path, num_classes: int, images_per_class: int, console: 
 
     # generate the image folder once
     marker = directory / ".images-complete"
-    wanted = f"{num_classes} {images_per_class}"
-    if not marker.exists() or marker.read_text() != wanted:
+    expected = f"{num_classes} {images_per_class}"
+    if not marker.exists() or marker.read_text() != expected:
         shutil.rmtree(images, ignore_errors=True)
         logger.info("generating %d classes x %d images in %s", num_classes, images_per_class, images)
         write_image_folder(images, num_classes, images_per_class)
-        marker.write_text(wanted)
+        marker.write_text(expected)
 
     # pack
     console.rule("toolkit pack")

@@ -41,12 +41,12 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot start or cannot go on; the message says why and what to do."""
+    """A run that cannot start or cannot continue; the message gives the reason and the fix."""
 
 
 @dataclass
 class RunState:
-    """Where the run is: what a checkpoint stores besides the model and optimizer."""
+    """The run's position and counters: what a checkpoint stores besides the model and optimizer."""
 
     step: int = 0
     epoch: int = 0
@@ -158,7 +158,7 @@ def prepare(dataset_dir: Path, run_dir: Path, config: TrainConfig, ctx: DistCont
         if list(checkpoint["classes"]) != list(dataset.classes):
             raise TrainingError(f"the class list in {last} differs from {dataset_dir}; resume with the dataset the run started on")
     elif last.exists():
-        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new RUN directory")
+        raise TrainingError(f"{run_dir} already contains a run; pass --resume to continue it or choose a new RUN directory")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(config, "train"))
