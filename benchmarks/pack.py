@@ -12,7 +12,10 @@ The baseline lists the folder, decodes each file with Pillow (and resizes it wit
 `Image.resize`'s default filter in resize mode) and writes {"__key__", "jpg": PIL image,
 "cls": label} with `webdataset.ShardWriter` at its defaults, which re-encode the image as JPEG
 at quality 100. toolkit runs the whole `toolkit pack` command (`toolkit.pack.run_pack`): scan,
-content hashes, duplicate check, split, normalisation and sharding.
+content hashes, duplicate check, split, normalisation and sharding, with shards of
+--shard-samples images (default 100). pack gives each worker whole shards, so the all-core run
+needs several shards per worker: a dataset of millions of images has them at the default of
+10,000 images per shard, and a benchmark of a few thousand images has them at 100.
 
 For each mode the script prints images/s (the fastest of --repeats runs) for the baseline and
 for toolkit with one process, and their ratio, also as a ratio of CPU seconds
@@ -107,9 +110,12 @@ def pack_baseline(src: Path, out: Path, size: int) -> int:
     return count
 
 
-def pack_toolkit(src: Path, out: Path, resize: str, size: int, workers: int) -> int:
+SHARD_SAMPLES = 100
+
+
+def pack_toolkit(src: Path, out: Path, resize: str, size: int, workers: int, shard_samples: int = SHARD_SAMPLES) -> int:
     """Run `toolkit pack`; return the number of packed samples."""
-    settings = PackConfig(resize=resize, size=size, workers=workers)
+    settings = PackConfig(resize=resize, size=size, workers=workers, shard_max_samples=shard_samples)
     summary = run_pack(src, out, settings)
     if summary.failed:
         raise RuntimeError(f"toolkit pack failed: {summary.failure}")
@@ -147,7 +153,7 @@ def child_peak_memory(src: Path, out: Path, resize: str, size: int) -> float:
 # main
 
 
-def run_mode(mode: str, count: int, cores: int, repeats: int, work: Path) -> dict[str, float]:
+def run_mode(mode: str, count: int, cores: int, repeats: int, shard_samples: int, work: Path) -> dict[str, float]:
     width, height, resize, size = MODES[mode]
     src = write_images(work / f"{mode}-src", count, width, height)
 
@@ -158,9 +164,9 @@ def run_mode(mode: str, count: int, cores: int, repeats: int, work: Path) -> dic
         out = work / f"{mode}-{repeat}"
         seconds, cpu, baseline_samples = timed(pack_baseline, src, out / "baseline", size)
         baseline_seconds, baseline_cpu = min(baseline_seconds, seconds), min(baseline_cpu, cpu)
-        seconds, cpu, one_samples = timed(pack_toolkit, src, out / "toolkit-1", resize, size, 1)
+        seconds, cpu, one_samples = timed(pack_toolkit, src, out / "toolkit-1", resize, size, 1, shard_samples)
         one_seconds, one_cpu = min(one_seconds, seconds), min(one_cpu, cpu)
-        seconds, _, all_samples = timed(pack_toolkit, src, out / "toolkit-all", resize, size, cores)
+        seconds, _, all_samples = timed(pack_toolkit, src, out / "toolkit-all", resize, size, cores, shard_samples)
         all_seconds = min(all_seconds, seconds)
         if not baseline_samples == one_samples == all_samples == count:
             raise RuntimeError(
@@ -212,6 +218,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000, help="images per mode (the memory check also packs 4x this)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="worker processes for the all-core run")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES), help="modes to run")
+    parser.add_argument("--shard-samples", type=int, default=SHARD_SAMPLES, help="toolkit's shard_max_samples")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each packer per mode; the fastest counts")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the generated images and outputs (a temporary folder when unset)")
     args = parser.parse_args()
@@ -225,7 +232,7 @@ def main() -> None:
         results = {}
         for mode in args.modes:
             print(f"{mode}: generating and packing {args.images} images ...", flush=True)
-            results[mode] = run_mode(mode, args.images, args.cores, args.repeats, Path(work))
+            results[mode] = run_mode(mode, args.images, args.cores, args.repeats, args.shard_samples, Path(work))
             print(json.dumps({mode: {key: round(value, 3) for key, value in results[mode].items()}}), flush=True)
     print_table(results, args.images, args.cores, args.repeats)
 

@@ -26,7 +26,7 @@ from toolkit.cli import app
 from toolkit.config import PackConfig
 from toolkit.dataset import load_dataset
 from toolkit.pack import PackError, run_pack
-from toolkit.pack import shards as shards_module
+from toolkit.pack import run as run_module
 from toolkit.synthetic import encode_jpeg, render_image, write_image_folder
 
 
@@ -179,6 +179,48 @@ def test_shard_limits(folder, tmp_path):
     pack(folder, out_samples, shard_max_samples=3, val_fraction=0.0, test_fraction=0.0)
     counts = [shard.samples for shard in load_dataset(out_samples).splits["train"].shards]
     assert counts == [3] * 10 + [2]
+
+
+def test_reject_shortens_its_block(folder, tmp_path):
+    src = tmp_path / "src"
+    for path in folder.rglob("*.jpg"):
+        target = src / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    (src / "class_00002" / "broken.jpg").write_bytes(b"\xff\xd8 not a whole jpeg")
+    out = tmp_path / "out"
+    pack(src, out, shard_max_samples=3, val_fraction=0.0, test_fraction=0.0)
+    counts = [shard.samples for shard in load_dataset(out).splits["train"].shards]
+    # 33 positions in blocks of 3: the block with the broken file packs 2, every other block 3
+    assert sum(counts) == 32
+    assert len(counts) == 11
+    assert sorted(counts) == [2] + [3] * 10
+
+
+def test_bytes_split_block_resumes(folder, tmp_path, monkeypatch):
+    options = {"shard_max_samples": 8, "shard_max_bytes": 30_000, "val_fraction": 0.0, "test_fraction": 0.0}
+    clean = tmp_path / "clean"
+    pack(folder, clean, **options)
+    state = [json.loads(line) for line in (clean / ".pack-state" / "segments.jsonl").read_text().splitlines()]
+    inner = [segment["start"] for segment in state if segment["start"] % 8]
+    assert inner, "the byte limit should cut some block inside"
+
+    # stop after the first shard whose segment starts inside a block, then resume
+    out = tmp_path / "out"
+    original_commit = run_module.commit_segment
+
+    def stopping_commit(out_dir, pack_state, segment, index):
+        if segment.start == inner[0]:
+            raise KeyboardInterrupt
+        return original_commit(out_dir, pack_state, segment, index)
+
+    monkeypatch.setattr(run_module, "commit_segment", stopping_commit)
+    with pytest.raises(KeyboardInterrupt):
+        pack(folder, out, **options)
+    monkeypatch.undo()
+    summary = pack(folder, out, **options)
+    assert summary.resumed_shards == sum(1 for segment in state if segment["start"] < inner[0])
+    assert output_hashes(out) == output_hashes(clean)
 
 
 def test_train_shards_mix_classes(folder, tmp_path):
@@ -476,16 +518,16 @@ def test_two_runs_identical(folder, tmp_path):
 def test_resume_after_error(folder, tmp_path, monkeypatch, workers):
     clean = pack_into(folder, tmp_path / "clean")
     out = tmp_path / "out"
-    original_add = shards_module.SplitWriter.add
+    original_commit = run_module.commit_segment
     calls = {"count": 0}
 
-    def failing_add(self, position, sample):
+    def failing_commit(*args):
         calls["count"] += 1
-        if calls["count"] == 11:
+        if calls["count"] == 3:
             raise KeyboardInterrupt
-        original_add(self, position, sample)
+        return original_commit(*args)
 
-    monkeypatch.setattr(shards_module.SplitWriter, "add", failing_add)
+    monkeypatch.setattr(run_module, "commit_segment", failing_commit)
     with pytest.raises(KeyboardInterrupt):
         pack(folder, out, shard_max_samples=4, workers=workers)
     monkeypatch.undo()

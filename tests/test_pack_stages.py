@@ -15,7 +15,7 @@ from toolkit.pack import PackError
 from toolkit.pack.images import PackedImage
 from toolkit.pack.run import BoundedImap
 from toolkit.pack.scan import AUTO_SPLIT
-from toolkit.pack.shards import ShardFile, archive_bytes, encode_sample, is_shard_file, sample_key
+from toolkit.pack.shards import ShardFile, archive_bytes, block_bounds, encode_sample, is_shard_file, sample_key
 from toolkit.pack.split import (
     NOT_PACKED,
     TEST,
@@ -216,6 +216,8 @@ def test_archive_bytes_prediction(tmp_path, sizes):
 def test_shard_file_names():
     assert is_shard_file("train", "train-000012.tar")
     assert is_shard_file("train", "train-000012.tar.partial")
+    assert is_shard_file("train", "train-at-000000012.tar.partial")
+    assert not is_shard_file("train", "train-at-000000012.tar")
     assert not is_shard_file("train", "val-000012.tar")
     assert not is_shard_file("train", "train-notes.tar")
 
@@ -288,3 +290,9 @@ def test_shard_bytes_equal_tarfile(tmp_path):
     assert written == expected.getvalue()
     assert info.bytes == len(written)
     assert info.samples == 5
+
+
+def test_block_bounds():
+    assert block_bounds(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert block_bounds(5, 10, 4) == [(5, 8), (8, 10)]
+    assert block_bounds(8, 8, 4) == []

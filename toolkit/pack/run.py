@@ -3,8 +3,10 @@
 Two passes over the files run in worker processes, and both send paths, not bytes, so each
 worker reads its own files:
 1. hash: sha256 of every candidate file, for splits and duplicate detection;
-2. pack: decode, normalize and re-encode each image in shard order, while this process writes
-   the shards.
+2. pack: each task is one block of a split's shard order (see toolkit.pack.shards); the worker
+   decodes, normalizes and re-encodes its images and writes the block's shard itself. This
+   process only records each finished shard and renames it, in order, so it leaves the cores
+   to the workers.
 Results come back in order through `Pool.imap`, with at most a fixed window of tasks in flight,
 so memory stays bounded whatever the number of files. With one worker, both passes run in
 this process.
@@ -44,12 +46,14 @@ from toolkit.pack.images import ImageOptions, PackedImage, RejectedImage, normal
 from toolkit.pack.report import PackSummary, SplitSummary
 from toolkit.pack.scan import Listing, Reject, scan_source
 from toolkit.pack.shards import (
+    BlockWriter,
     PackState,
     Segment,
-    SplitWriter,
+    block_bounds,
     build_manifest,
     build_timm_info,
     clear_output,
+    commit_segment,
     encode_sample,
     is_output_entry,
     keep_finished,
@@ -65,11 +69,15 @@ logger = logging.getLogger(__name__)
 # Version of what pack writes for given input and options; a change refuses to resume old output.
 PACK_LAYOUT = 1
 
-# Tasks per worker message in each pass. Hashing returns 32 bytes per file, packing a JPEG.
+# Files per worker message in the hash pass, and hash messages in flight per worker.
 HASH_CHUNK = 32
-PACK_CHUNK = 8
-# Tasks in flight per worker, counted in chunks; bounds the JPEGs waiting for the writer.
 CHUNKS_IN_FLIGHT = 4
+# Blocks in flight per worker in the pack pass: one being packed and one waiting.
+BLOCKS_IN_FLIGHT = 2
+# Images a worker packs between updates of the shared progress count.
+PROGRESS_EVERY = 16
+# Seconds between progress updates while this process waits for a block.
+PROGRESS_POLL = 0.2
 
 DUPLICATE = "duplicate"
 
@@ -105,7 +113,12 @@ def run_pack(
     if len(listing) == 0:
         raise PackError(no_images_message(src, listing))
 
-    with worker_pool(workers, ImageOptions.from_config(settings)) as pool, open_progress(show_progress, console) as progress:
+    packed = multiprocessing.Value("q", 0)  # images packed so far, counted by the workers
+    with (
+        removing_partial_shards(out),
+        worker_pool(workers, ImageOptions.from_config(settings), packed) as pool,
+        open_progress(show_progress, console) as progress,
+    ):
         # pass 1: content hashes
         hashes = hash_entries(listing, pool, workers, progress)
 
@@ -133,7 +146,9 @@ def run_pack(
         # pass 2: shards
         planned = sum(len(order) for order in plan.order.values())
         logger.info("packing %d images into %s with %d worker(s)", planned, out, workers)
-        segments = write_shards(out, listing, labels, hashes.shas, plan, finished, settings, state, pool, workers, progress)
+        segments = write_shards(
+            out, listing, labels, hashes.shas, plan, finished, settings, state, pool, workers, packed, progress
+        )
 
     # rejects.csv, then the index files with the manifest last
     rejects = listing.rejects + hashes.rejects + duplicate_rejects(listing, duplicates)
@@ -322,12 +337,14 @@ def no_images_message(src: Path, listing: Listing) -> str:
 
 
 _image_options: ImageOptions | None = None
+_packed_count: Any = None  # a shared multiprocessing.Value: images packed by all workers
 
 
-def init_worker(options: ImageOptions, in_process: bool = False) -> None:
-    """Set the image options of this worker; workers leave Ctrl-C to the parent, which stops them."""
-    global _image_options
+def init_worker(options: ImageOptions, packed: Any, in_process: bool = False) -> None:
+    """Set the image options and progress count of this worker; workers leave Ctrl-C to the parent."""
+    global _image_options, _packed_count
     _image_options = options
+    _packed_count = packed
     if not in_process:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -375,15 +392,18 @@ def pack_file(path: str) -> PackResult:
 
 
 @contextmanager
-def worker_pool(workers: int, options: ImageOptions) -> Iterator[Pool | None]:
-    """Yield a process pool of WORKERS, or None to run in this process when WORKERS is 1."""
+def worker_pool(workers: int, options: ImageOptions, packed: Any) -> Iterator[Pool | None]:
+    """Yield a process pool of WORKERS, or None to run in this process when WORKERS is 1.
+
+    PACKED is a shared multiprocessing.Value the workers add their packed images to.
+    """
     if workers <= 1:
-        init_worker(options, in_process=True)
+        init_worker(options, packed, in_process=True)
         yield None
         return
     # NOTE: Pool.imap waits forever when the kernel kills a worker (for example for memory), so
     # such a run hangs instead of failing. Stop it with Ctrl-C and rerun, which resumes.
-    pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=(options,))
+    pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=(options, packed))
     try:
         yield pool
     except BaseException:
@@ -402,13 +422,22 @@ class BoundedImap:
     waits for a permit that each consumed result returns. Without a pool, the tasks run here.
     """
 
-    def __init__(self, pool: Pool | None, function: Callable, tasks: Iterable, chunksize: int, window: int) -> None:
+    def __init__(
+        self,
+        pool: Pool | None,
+        function: Callable,
+        tasks: Iterable,
+        chunksize: int,
+        window: int,
+        waiting: Callable[[], None] | None = None,
+    ) -> None:
         self.pool = pool
         self.function = function
         self.tasks = tasks
         self.chunksize = chunksize
         self.permits = threading.Semaphore(max(window, chunksize))
         self.stopped = threading.Event()
+        self.waiting = waiting  # called every PROGRESS_POLL seconds while a result is awaited
 
     def __enter__(self) -> BoundedImap:
         return self
@@ -421,9 +450,23 @@ class BoundedImap:
         if self.pool is None:
             yield from map(self.function, self.tasks)
             return
-        for result in self.pool.imap(self.function, self._gated_tasks(), self.chunksize):
+        results = self.pool.imap(self.function, self._gated_tasks(), self.chunksize)
+        if self.waiting is not None:
+            results = self._polled(results)
+        for result in results:
             self.permits.release()
             yield result
+
+    def _polled(self, results: Any) -> Iterator:
+        """Yield from an IMapIterator (imap with chunksize 1), calling `waiting` while a result is due."""
+        assert self.waiting is not None and self.chunksize == 1, "polling needs one task per message"
+        while True:
+            try:
+                yield results.next(timeout=PROGRESS_POLL)
+            except multiprocessing.TimeoutError:
+                self.waiting()
+            except StopIteration:
+                return
 
     def _gated_tasks(self) -> Iterator:
         for task in self.tasks:
@@ -454,6 +497,9 @@ class NoProgress:
         return 0
 
     def advance(self, task: int, advance: float = 1) -> None:
+        pass
+
+    def update(self, task: int, completed: float | None = None) -> None:
         pass
 
 
@@ -517,6 +563,69 @@ def hash_entries(listing: Listing, pool: Pool | None, workers: int, progress: Pr
 # pass 2: shards
 
 
+class BlockTask(NamedTuple):
+    """One block of a split's shard order: positions [start, end) and what each sample needs."""
+
+    out: str
+    split: str
+    start: int
+    end: int
+    max_bytes: int
+    root: str
+    entries: list[tuple[str, int, str, str]]  # (path relative to the root, label, class name, sha256 hex)
+
+
+def block_tasks(
+    out: Path,
+    listing: Listing,
+    labels: np.ndarray,
+    shas: np.ndarray,
+    plan: SplitPlan,
+    starts: dict[str, int],
+    settings: PackConfig,
+) -> Iterator[BlockTask]:
+    """Yield the blocks of every split from its START on, in split and shard order."""
+    root = str(listing.root)
+    for split in SPLITS:
+        order = plan.order[split]
+        for begin, end in block_bounds(starts[split], len(order), settings.shard_max_samples):
+            entries = []
+            for entry in order[begin:end].tolist():
+                label = int(labels[entry])
+                entries.append((listing.paths[entry], label, listing.classes[label], shas[entry].tobytes().hex()))
+            yield BlockTask(str(out), split, begin, end, settings.shard_max_bytes, root, entries)
+
+
+def pack_block(task: BlockTask) -> list[Segment]:
+    """Pack one block into shards under temporary names and return its segments (worker side)."""
+    writer = BlockWriter(Path(task.out), task.split, task.start, task.max_bytes)
+    unreported = 0
+    try:
+        for position, (path, label, class_name, sha256) in zip(range(task.start, task.end), task.entries):
+            result = pack_file(os.path.join(task.root, path))
+            if result.image is None:
+                writer.reject(position, Reject(path, result.reason, result.detail))
+            elif result.sha256 != sha256:
+                writer.reject(position, Reject(path, "changed", "the file changed between hashing and packing; pack again"))
+            else:
+                key = sample_key(task.split, position)
+                writer.add(position, encode_sample(key, label, class_name, path, result.sha256, result.image))
+            unreported += 1
+            if unreported == PROGRESS_EVERY:
+                count_packed(unreported)
+                unreported = 0
+        count_packed(unreported)
+        return writer.finish(task.end)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def count_packed(images: int) -> None:
+    with _packed_count.get_lock():
+        _packed_count.value += images
+
+
 def write_shards(
     out: Path,
     listing: Listing,
@@ -528,53 +637,49 @@ def write_shards(
     state: PackState,
     pool: Pool | None,
     workers: int,
+    packed: Any,
     progress: Progress | NoProgress,
 ) -> dict[str, list[Segment]]:
-    """Write the shards of every split after the finished ones and return all segments per split."""
+    """Pack every block after the finished shards and return all segments per split.
+
+    Workers write the blocks' shards; here each finished block is recorded and its shards are
+    renamed, in split and shard order, so the shard numbers do not depend on the workers.
+    """
     total = sum(len(order) for order in plan.order.values())
     done = sum(finished[split][-1].end for split in SPLITS if finished[split])
     task = progress.add_task("packing", total=total, completed=done)
-    root = str(listing.root)
-    segments = {}
-    for split in SPLITS:
-        order = plan.order[split]
-        writer = SplitWriter(out, split, settings.shard_max_samples, settings.shard_max_bytes, state, finished[split])
-        start = writer.start
-        paths = (os.path.join(root, listing.paths[entry]) for entry in order[start:].tolist())
-        try:
-            with BoundedImap(pool, pack_file, paths, PACK_CHUNK, workers * PACK_CHUNK * CHUNKS_IN_FLIGHT) as results:
-                for position, result in zip(range(start, len(order)), results):
-                    entry = int(order[position])
-                    add_result(writer, split, position, entry, result, listing, labels, shas)
-                    progress.advance(task)
-            segments[split] = writer.finish(len(order))
-        except BaseException:
-            writer.abort()
-            raise
+    segments = {split: list(finished[split]) for split in SPLITS}
+    next_index = {split: sum(1 for segment in finished[split] if segment.shard) for split in SPLITS}
+    starts = {split: finished[split][-1].end if finished[split] else 0 for split in SPLITS}
+
+    def show_progress() -> None:
+        progress.update(task, completed=done + packed.value)
+
+    tasks = block_tasks(out, listing, labels, shas, plan, starts, settings)
+    with BoundedImap(pool, pack_block, tasks, 1, workers * BLOCKS_IN_FLIGHT, show_progress) as results:
+        for block in results:
+            for segment in block:
+                split = segment.split
+                segments[split].append(commit_segment(out, state, segment, next_index[split]))
+                next_index[split] += segment.shard is not None
+            show_progress()
     return segments
 
 
-def add_result(
-    writer: SplitWriter,
-    split: str,
-    position: int,
-    entry: int,
-    result: PackResult,
-    listing: Listing,
-    labels: np.ndarray,
-    shas: np.ndarray,
-) -> None:
-    """Write one worker result as a sample, or record why it is rejected."""
-    path = listing.paths[entry]
-    if result.image is None:
-        writer.reject(position, Reject(path, result.reason, result.detail))
-        return
-    if result.sha256 != shas[entry].tobytes().hex():
-        writer.reject(position, Reject(path, "changed", "the file changed between hashing and packing; pack again"))
-        return
-    label = int(labels[entry])
-    sample = encode_sample(sample_key(split, position), label, listing.classes[label], path, result.sha256, result.image)
-    writer.add(position, sample)
+@contextmanager
+def removing_partial_shards(out: Path) -> Iterator[None]:
+    """On an error or interrupt, delete the temporary shard files of blocks not committed.
+
+    Entered before the worker pool, so the workers have stopped when it runs; finished shards
+    stay for the next run to resume from.
+    """
+    try:
+        yield
+    except BaseException:
+        for split in SPLITS:
+            for path in (out / split).glob("*.partial"):
+                path.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,17 +2,23 @@
 
 Shards: OUT/SPLIT/SPLIT-000000.tar, in ustar format. Every member has mtime 0, uid and gid 0,
 empty user and group names and mode 0o644, and each sample's members come in the order
-KEY.cls, KEY.jpg, KEY.json, so the same samples always give the same bytes. A shard is written
-as NAME.partial and renamed when complete. A shard closes before the sample that would take it
-past `shard_max_samples` or `shard_max_bytes` (the size of the finished tar file, padding
-included). A single sample larger than `shard_max_bytes` gets a shard of its own.
+KEY.cls, KEY.jpg, KEY.json, so the same samples always give the same bytes.
+
+A split's shard order is cut into blocks of `shard_max_samples` positions before packing starts,
+and each block becomes one shard, written whole by one worker process. So the output does not
+depend on which worker packs which block, and a rejected file leaves its block's shard one
+sample short instead of moving every later sample. A block whose samples pass `shard_max_bytes`
+(the size of the finished tar file, padding included) closes its shard before the sample that
+would pass it and goes on in another; a single sample larger than `shard_max_bytes` gets a shard
+of its own. A worker writes each shard as SPLIT/SPLIT-at-POSITION.tar.partial; the main process
+records it and renames it to the next shard name of the split.
 
 Resume state, OUT/.pack-state/ (kept after a run, so a rerun of a finished pack only checks):
 - options.json: the pack options and a digest of the plan (every path, label and content hash
   in shard order). A rerun with other options or another plan does not resume.
 - segments.jsonl: one line per finished shard with the split positions it consumed
-  [start, end), its ShardInfo and the files rejected in that range. A split whose tail holds
-  only rejected files ends with a segment without a shard.
+  [start, end), its ShardInfo and the files rejected in that range. A block whose files were
+  all rejected ends with a segment without a shard.
 A rerun keeps each split's finished shards while their size and sha256 match the record, and
 packs the rest from the end of the last one kept.
 """
@@ -28,7 +34,6 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +56,19 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/{split}-{index:06d}.tar"
 
 
+def block_shard_name(split: str, position: int) -> str:
+    """Return the name, relative to OUT, under which a worker writes the shard that starts at POSITION.
+
+    The file itself is NAME.partial until the main process renames it to a `shard_name`.
+    """
+    return f"{split}/{split}-at-{position:09d}.tar"
+
+
 def is_shard_file(split: str, name: str) -> bool:
     """Return True for file names that pack writes in a split folder, finished or partial."""
-    return re.fullmatch(rf"{re.escape(split)}-\d{{6,}}\.tar({re.escape(PARTIAL_SUFFIX)})?", name) is not None
+    finished = rf"{re.escape(split)}-\d{{6,}}\.tar({re.escape(PARTIAL_SUFFIX)})?"
+    partial = rf"{re.escape(split)}-at-\d{{9,}}\.tar{re.escape(PARTIAL_SUFFIX)}"
+    return re.fullmatch(finished, name) is not None or re.fullmatch(partial, name) is not None
 
 
 def sample_key(split: str, position: int) -> str:
@@ -139,7 +154,7 @@ def ustar_header(name: str, size: int) -> bytes:
 
 
 class ShardFile:
-    """One tar shard being written under a temporary name."""
+    """One tar shard being written under a temporary name, OUT/NAME.partial."""
 
     def __init__(self, out: Path, name: str) -> None:
         self.out = out
@@ -161,11 +176,11 @@ class ShardFile:
         self.samples += 1
         self.member_bytes += sample.tar_bytes
 
-    def close(self, record: Callable[[ShardInfo], None] | None = None) -> ShardInfo:
-        """Finish the tar file, sync it to disk, pass its ShardInfo to `record`, then rename it.
+    def close(self, rename: bool = True) -> ShardInfo:
+        """Finish the tar file, sync it to disk and rename it to NAME.
 
-        Recording before the rename means that every finished shard on disk has a resume record,
-        whenever the process is killed.
+        With `rename` False the file keeps its temporary name, for the main process to record
+        and rename (see `commit_segment`).
         """
         # tarfile's end of archive: two zero blocks, then zeros up to a whole record
         end = archive_bytes(self.member_bytes) - self.member_bytes
@@ -174,9 +189,8 @@ class ShardFile:
         os.fsync(self.file.fileno())
         self.file.close()
         info = ShardInfo(name=self.name, samples=self.samples, bytes=self.hashing.length, sha256=self.hashing.digest.hexdigest())
-        if record is not None:
-            record(info)
-        os.replace(self.partial, self.path)
+        if rename:
+            os.replace(self.partial, self.path)
         return info
 
     def abort(self) -> None:
@@ -327,29 +341,37 @@ def file_sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# writing one split
+# writing one block
 
 
-class SplitWriter:
-    """Cuts one split's stream of samples and rejects into shards and records each segment."""
+def block_bounds(start: int, length: int, max_samples: int) -> list[tuple[int, int]]:
+    """Return the blocks [begin, end) that cover positions START to LENGTH of a split.
 
-    def __init__(
-        self,
-        out: Path,
-        split: str,
-        max_samples: int,
-        max_bytes: int,
-        state: PackState,
-        finished: list[Segment],
-    ) -> None:
+    Blocks are fixed by position: block k covers [k * max_samples, (k + 1) * max_samples), so a
+    resumed run that starts inside a block packs the rest of that block first.
+    """
+    bounds = []
+    begin = start
+    while begin < length:
+        end = min((begin // max_samples + 1) * max_samples, length)
+        bounds.append((begin, end))
+        begin = end
+    return bounds
+
+
+class BlockWriter:
+    """Writes the samples of one block into shards under temporary names, in a worker process.
+
+    `finish` returns the block's segments; each names its shard by the temporary path, which
+    `commit_segment` in the main process records and renames.
+    """
+
+    def __init__(self, out: Path, split: str, start: int, max_bytes: int) -> None:
         self.out = out
         self.split = split
-        self.max_samples = max_samples
         self.max_bytes = max_bytes
-        self.state = state
-        self.segments = list(finished)
-        self.next_index = sum(1 for segment in finished if segment.shard)
-        self.start = finished[-1].end if finished else 0
+        self.start = start
+        self.segments: list[Segment] = []
         self.shard: ShardFile | None = None
         self.rejects: list[tuple[int, Reject]] = []
 
@@ -358,8 +380,7 @@ class SplitWriter:
         if self.shard is not None and not self._fits(sample):
             self._close_segment(end=position)
         if self.shard is None:
-            self.shard = ShardFile(self.out, shard_name(self.split, self.next_index))
-            self.next_index += 1
+            self.shard = ShardFile(self.out, block_shard_name(self.split, position))
             if archive_bytes(sample.tar_bytes) > self.max_bytes:
                 logger.warning(
                     "sample %s takes %d bytes, more than shard_max_bytes %d; it gets a shard of its own",
@@ -371,39 +392,48 @@ class SplitWriter:
         self.rejects.append((position, reject))
 
     def finish(self, end: int) -> list[Segment]:
-        """Close the last segment at END (the split length) and return all segments of the split."""
+        """Close the last segment at END, the end of the block, and return the block's segments."""
         if self.shard is not None or self.rejects:
             self._close_segment(end)
         return self.segments
 
     def abort(self) -> None:
-        """Delete the partial shard after an error or interrupt; finished shards stay."""
+        """Delete the open shard and the closed ones of this block after an error or interrupt."""
         if self.shard is not None:
             self.shard.abort()
             self.shard = None
+        for segment in self.segments:
+            if segment.shard is not None:
+                (self.out / (segment.shard.name + PARTIAL_SUFFIX)).unlink(missing_ok=True)
 
     def _fits(self, sample: Sample) -> bool:
-        """Return True when the open shard can take SAMPLE within both limits."""
+        """Return True when the open shard can take SAMPLE within shard_max_bytes."""
         shard = self.shard
-        if shard is None or shard.samples + 1 > self.max_samples:
-            return False
+        assert shard is not None
         return archive_bytes(shard.member_bytes + sample.tar_bytes) <= self.max_bytes
 
     def _close_segment(self, end: int) -> None:
-        def record(info: ShardInfo | None) -> Segment:
-            segment = Segment(self.split, self.start, end, info, self.rejects)
-            self.state.append_segment(segment)
-            return segment
-
-        if self.shard is None:
-            segment = record(None)
-        else:
-            info = self.shard.close(record=record)
-            segment = Segment(self.split, self.start, end, info, self.rejects)
-        self.segments.append(segment)
+        info = None if self.shard is None else self.shard.close(rename=False)
+        self.segments.append(Segment(self.split, self.start, end, info, self.rejects))
         self.shard = None
         self.rejects = []
         self.start = end
+
+
+def commit_segment(out: Path, state: PackState, segment: Segment, index: int) -> Segment:
+    """Record a segment a worker wrote and rename its shard to shard number INDEX of its split.
+
+    Returns the segment with the shard's final name. The record comes before the rename, so
+    every finished shard on disk has one.
+    """
+    if segment.shard is None:
+        state.append_segment(segment)
+        return segment
+    partial = out / (segment.shard.name + PARTIAL_SUFFIX)
+    final = dataclasses.replace(segment, shard=dataclasses.replace(segment.shard, name=shard_name(segment.split, index)))
+    state.append_segment(final)
+    os.replace(partial, out / final.shard.name)
+    return final
 
 
 # ---------------------------------------------------------------------------------------------
