@@ -103,7 +103,7 @@ def pack(
 
 @app.command()
 def train(
-    dataset: Annotated[Path, typer.Argument(help="Dataset directory written by `toolkit pack`.", exists=True, file_okay=False)],
+    dataset: Annotated[str, typer.Argument(help="Dataset written by `toolkit pack`: a directory, an http(s):// URL prefix, or pipe:COMMAND where COMMAND writes the file named by {} (its path under the dataset) to stdout.")],
     run: Annotated[Path, typer.Argument(help="Run directory for config.toml, metrics.jsonl and checkpoints/.")],
     config: ConfigOption = None,
     arch: Annotated[Optional[str], typer.Option(help="torchvision ResNet: resnet18, resnet34, resnet50, resnet101 or resnet152.")] = None,
@@ -180,7 +180,7 @@ def demo(
 @app.command("eval")
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file written by `toolkit train` (RUN/checkpoints/best.pt).", exists=True, dir_okay=False)],
-    dataset: Annotated[Path, typer.Argument(help="Dataset directory written by `toolkit pack`.", exists=True, file_okay=False)],
+    dataset: Annotated[str, typer.Argument(help="Dataset written by `toolkit pack`: a directory, an http(s):// URL prefix, or pipe:COMMAND where COMMAND writes the file named by {} (its path under the dataset) to stdout.")],
     config: ConfigOption = None,
     split: Annotated[Optional[str], typer.Option(help="Split to evaluate: test, val or train.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.", min=1)] = None,
@@ -281,7 +281,7 @@ def predict(
 
 @app.command()
 def plan(
-    dataset: Annotated[Optional[Path], typer.Argument(help="Dataset directory whose manifest gives the number of classes; or pass --classes.", exists=True, file_okay=False)] = None,
+    dataset: Annotated[Optional[str], typer.Argument(help="Dataset (a directory, http(s) URL prefix or pipe: command, as for `train`) whose manifest gives the number of classes; or pass --classes.")] = None,
     classes: Annotated[Optional[int], typer.Option("--classes", help="Number of classes, instead of a DATASET.", min=1)] = None,
     config: ConfigOption = None,
     arch: Annotated[Optional[str], typer.Option(help="torchvision ResNet: resnet18, resnet34, resnet50, resnet101 or resnet152.")] = None,

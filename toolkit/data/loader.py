@@ -28,6 +28,7 @@ from toolkit.data.batch import Batch, SkippedSample, concat_batches
 from toolkit.data.sharding import ShardFile, epoch_shard_order, eval_span, split_evenly
 from toolkit.data.stream import ShardStream, StreamSpec
 from toolkit.dataset import Dataset, DatasetError
+from toolkit.sources import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +156,15 @@ def check_rank(rank: int, world_size: int) -> None:
 
 
 def shard_files(dataset: Dataset, split: str) -> tuple[ShardFile, ...]:
-    """Return the split's shards, raising DatasetError that names any shard file not found."""
+    """Return the split's shards, raising DatasetError that names any local shard file not found.
+
+    Shards under a URL or pipe: root are not checked here: one that cannot be read is skipped
+    and counted when the stream reaches it, with the URL or command and the error in the reason.
+    """
     shards = dataset.split(split).shards
     paths = dataset.shard_urls(split)
+    if is_url(dataset.root):
+        return tuple(ShardFile(shard.name, path, shard.samples) for shard, path in zip(shards, paths))
     missing = [shard.name for shard, path in zip(shards, paths) if not Path(path).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

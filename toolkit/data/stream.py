@@ -37,6 +37,7 @@ from toolkit.data.batch import Batch, SkippedSample
 from toolkit.data.decode import CorruptSampleError, parse_label
 from toolkit.data.sharding import ShardFile, ShardRange, eval_span, ranges_in_span, train_span
 from toolkit.data.transforms import decode_eval_crop, decode_train_crop
+from toolkit.sources import open_source
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +111,13 @@ def iter_shard_samples(task: ShardRange) -> Iterator[RawSample]:
 
     Members are grouped into samples by key, the name up to the first dot of its last path
     component, as webdataset does. Reading stops at `stop`, so samples beyond the manifest's
-    count are never read. Raises tarfile.TarError or OSError on a damaged file.
+    count are never read. The shard is a local path, an http(s) URL or a `pipe:` command
+    (toolkit.sources). Raises tarfile.TarError or OSError on a damaged or unreadable shard.
     """
     index = -1
     key = None
     current: RawSample | None = None
-    with open(task.path, "rb") as file, tarfile.open(fileobj=file, mode="r|") as tar:
+    with open_source(task.path) as file, tarfile.open(fileobj=file, mode="r|") as tar:
         for info in tar:
             tar.members = []  # a streaming TarFile otherwise keeps every header it has read
             if not info.isreg():
@@ -162,7 +164,9 @@ def read_ranges(ranges: Iterable[ShardRange], counter: SkipCounter) -> Iterator[
                 produced += 1
                 yield sample
         except (tarfile.TarError, OSError) as error:
-            reason = f"shard unreadable after {produced} of {task.samples} planned samples: {error}"
+            # name the path, URL or command unless the error already does
+            detail = str(error) if task.path in str(error) else f"{task.path}: {error}"
+            reason = f"shard unreadable after {produced} of {task.samples} planned samples: {detail}"
         else:
             reason = f"shard ended after {produced} of {task.samples} planned samples; the manifest lists more"
         if produced < task.samples:

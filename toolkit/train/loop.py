@@ -98,12 +98,14 @@ class Trainer:
 
 
 def train(
-    dataset_dir: Path,
+    dataset_dir: str | Path,
     run_dir: Path,
     config: TrainConfig,
     progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Train on DATASET into RUN and return the final state and last validation.
+
+    DATASET is a directory or a URL root that `toolkit.dataset.load_dataset` accepts.
 
     Under torchrun every process calls this; they share the work (`toolkit.train.distributed`),
     and only rank 0 writes files and calls `progress`.
@@ -136,7 +138,7 @@ def run_training(trainer: Trainer, progress: ProgressCallback | None) -> dict[st
     return {"step": trainer.state.step, "epoch": trainer.state.epoch, "best_top1": trainer.state.best_top1, **trainer.state.last_val}
 
 
-def prepare(dataset_dir: Path, run_dir: Path, config: TrainConfig, ctx: DistContext | None = None) -> Trainer:
+def prepare(dataset_dir: str | Path, run_dir: Path, config: TrainConfig, ctx: DistContext | None = None) -> Trainer:
     """Load the dataset, build model and optimizer, and restore the last checkpoint on resume.
 
     ctx: this process's place among the ranks that torchrun started, or None for one process.
