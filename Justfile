@@ -67,7 +67,8 @@ docker-eval CHECKPOINT DATASET *ARGS:
 
 # ---------------------------------------------------------------------------------------------
 # CJK character recognition from the installed fonts (docs/cjk.md). SET is gb2312-1 (3,755
-# classes, recipe pipelines/cjk-3755.toml) or uro (U+4E00..U+9FFF, pipelines/cjk-full.toml).
+# classes, recipe pipelines/cjk-3755.toml), gb2312-1-cpu (the same classes, sized for an hour on a
+# CPU, pipelines/cjk-3755-cpu.toml) or uro (U+4E00..U+9FFF, pipelines/cjk-full.toml).
 
 # Python of the project's virtual environment, which `./dev test` creates.
 python := ".venv/bin/python"
@@ -81,13 +82,20 @@ cjk-build SET="gb2312-1" DIR=("cjk-" + SET) *ARGS:
 cjk SET="gb2312-1" DIR=("cjk-" + SET) *ARGS:
     #!/usr/bin/env bash
     set -euo pipefail
+    build=()
     case {{ quote(SET) }} in
-        gb2312-1) recipe=pipelines/cjk-3755.toml ;;
-        uro) recipe=pipelines/cjk-full.toml ;;
-        *) echo "error: unknown CJK set {{ SET }}; use gb2312-1 or uro" >&2; exit 1 ;;
+        gb2312-1) classes=gb2312-1; recipe=pipelines/cjk-3755.toml ;;
+        gb2312-1-cpu)
+            # one image per training face, and only the Regular weights of the val fonts
+            classes=gb2312-1; recipe=pipelines/cjk-3755-cpu.toml
+            build=(--images-per-face 1 --val-family 'noto serif cjk' --exclude 'NotoSerifCJK[a-z]+_(?!Regular)'
+                   --test-family 'ar pl sungtil + babelstone han' --test-family 'wenquanyi zen hei') ;;
+        uro) classes=uro; recipe=pipelines/cjk-full.toml ;;
+        *) echo "error: unknown CJK set {{ SET }}; use gb2312-1, gb2312-1-cpu or uro" >&2; exit 1 ;;
     esac
     dir={{ quote(clean(join(caller_dir, DIR))) }}
-    {{ quote(just_executable()) }} cjk-build {{ quote(SET) }} "$dir" {{ ARGS }}
+    test -x {{ quote(python) }} || { echo "error: {{ python }} not found; run ./dev test once to create the environment" >&2; exit 1; }
+    {{ quote(python) }} -m pipelines.cjk.build --classes "$classes" --out "$dir" "${build[@]}" {{ ARGS }}
     ./dev toolkit pack "$dir/list.csv" "$dir/dataset" --classes "$dir/classes.txt" --config "$recipe"
     ./dev toolkit train "$dir/dataset" "$dir/run" --config "$recipe"
     ./dev toolkit eval "$dir/run/checkpoints/best.pt" "$dir/dataset" --config "$recipe" --report "$dir/report.json"

@@ -1,8 +1,9 @@
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from toolkit.config import ConfigError, PackConfig, TrainConfig, build, resolve, to_toml
+from toolkit.config import ConfigError, EvalConfig, PackConfig, TrainConfig, build, resolve, to_toml
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -96,3 +97,18 @@ def test_to_toml_round_trip(tmp_path):
 def test_build_rejects_unknown_key():
     with pytest.raises(ConfigError, match="colour"):
         build(PackConfig, {"colour": 1}, "test")
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
+SECTIONS = {"pack": PackConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[path.name for path in RECIPES])
+def test_recipe_tables_load(recipe):
+    document = tomllib.loads(recipe.read_text())
+    assert document, f"{recipe} has no tables"
+    assert set(document) <= set(SECTIONS)
+    for section in document:
+        settings = resolve(SECTIONS[section], recipe, {}, section)
+        for key, value in document[section].items():
+            assert getattr(settings, key) == value

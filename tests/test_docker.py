@@ -417,3 +417,38 @@ def test_docker_eval_missing_checkpoint(just, tmp_path, fake_docker):
     assert f"checkpoint file not found: {tmp_path / 'runs' / 'best.pt'}" in result.stderr
     assert not log.exists()
     assert not (tmp_path / "runs").exists()
+
+
+def test_cjk_cpu_recipe_arguments(just, tmp_path):
+    result = subprocess.run(
+        [just, "--justfile", str(JUSTFILE), "--dry-run", "cjk", "gb2312-1-cpu", str(tmp_path / "cjk")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    script = result.stderr
+    assert script.startswith("#!/usr/bin/env bash")
+
+    # run the script up to its first command and print what it would pass on
+    setup = script.split("\ndir=")[0]
+    shown = subprocess.run(
+        ["bash", "-c", setup + '\nprintf "%s\\n" "$classes" "$recipe" "${build[@]}"'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    classes, recipe, *build = shown.stdout.splitlines()
+    assert classes == "gb2312-1"
+    assert recipe == "pipelines/cjk-3755-cpu.toml"
+    assert (JUSTFILE.parent / recipe).is_file()
+    assert build == [
+        "--images-per-face", "1",
+        "--val-family", "noto serif cjk",
+        "--exclude", "NotoSerifCJK[a-z]+_(?!Regular)",
+        "--test-family", "ar pl sungtil + babelstone han",
+        "--test-family", "wenquanyi zen hei",
+    ]
