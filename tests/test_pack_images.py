@@ -537,6 +537,16 @@ def test_reject_truncated_jpeg(keep_fraction):
     assert _reason(data[: int(len(data) * keep_fraction)]) == "truncated"
 
 
+@pytest.mark.parametrize("progressive", [False, True])
+def test_reject_damaged_jpeg_kept(progressive):
+    # the end marker stays, so the JPEG would be kept byte for byte if its check passed
+    data = bytearray(_save(_picture(120, 90), "JPEG", quality=90, progressive=progressive))
+    middle = len(data) // 2
+    data[middle : middle + 40] = bytes([0xFF, 0x00] * 20)
+    assert data.endswith(b"\xff\xd9")
+    assert _reason(bytes(data)) == "decode-error"
+
+
 def test_reject_truncated_jpeg_header():
     data = encode_jpeg(_picture())
     assert _reason(data[:40]) == "truncated"

@@ -330,10 +330,11 @@ def _decode_jpeg(data: bytes, options: ImageOptions, keep_source: bool) -> tuple
         and data.endswith(b"\xff\xd9")  # no trailer after the end-of-image marker
     )
 
-    # decode in full. The check of a kept JPEG discards the pixels, so it uses libjpeg-turbo's
-    # fast DCT and upsampling, which change pixel values but not which errors are found.
+    # decode in full. The check of a kept JPEG discards the pixels, so it decodes to gray:
+    # libjpeg-turbo still entropy-decodes every component of every scan, where truncation and
+    # damage show, and skips only the chroma IDCT, upsampling and colour conversion.
     if unchanged and keep_source:
-        if _decode_jpeg_pixels(data, fastdct=True, fastupsample=True) is None:
+        if _decode_jpeg_pixels(data, colorspace="GRAY") is None:
             return None
         return None, width, height
     scale = {}
@@ -361,10 +362,10 @@ def _decode_jpeg(data: bytes, options: ImageOptions, keep_source: bool) -> tuple
     return pixels, W, H
 
 
-def _decode_jpeg_pixels(data: bytes, **options) -> np.ndarray | None:
-    """Decode with simplejpeg to (h, w, 3) RGB; None means Pillow should try instead."""
+def _decode_jpeg_pixels(data: bytes, colorspace: str = "RGB", **options) -> np.ndarray | None:
+    """Decode with simplejpeg to (h, w, 3) RGB, or (h, w, 1) for GRAY; None means Pillow should try instead."""
     try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", **options)
+        return simplejpeg.decode_jpeg(data, colorspace=colorspace, **options)
     except ValueError as error:
         message = str(error)
         if "Premature end of JPEG file" in message:
