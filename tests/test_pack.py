@@ -543,6 +543,23 @@ def test_resume_after_error(folder, tmp_path, monkeypatch, workers):
     assert output_hashes(out) == output_hashes(clean)
 
 
+def test_killed_worker_fails_run(folder, tmp_path, monkeypatch):
+    original_pack_file = run_module.pack_file
+
+    def dying_pack_file(path):
+        # runs in a forked worker: the kernel's kill for memory looks the same
+        if path.endswith("0003.jpg"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_pack_file(path)
+
+    monkeypatch.setattr(run_module, "pack_file", dying_pack_file)
+    out = tmp_path / "out"
+    with pytest.raises(PackError, match="exited before finishing its task"):
+        pack(folder, out, shard_max_samples=4, workers=2)
+    assert not (out / "manifest.json").exists()
+    assert not list(out.rglob("*.partial"))
+
+
 def test_resume_after_kill(tmp_path):
     src = write_image_folder(tmp_path / "src", num_classes=4, images_per_class=40, size=20)
     clean = pack_into(src, tmp_path / "clean")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
+import signal
 import tarfile
 import threading
 import time
@@ -244,7 +246,7 @@ def test_bounded_imap_order_and_window():
 
     window = 16
     with multiprocessing.Pool(2) as pool:
-        with BoundedImap(pool, abs, tasks(), chunksize=4, window=window) as results:
+        with BoundedImap(pool, abs, tasks(), window=window) as results:
             iterator = iter(results)
             first = [next(iterator) for _ in range(3)]
             # give the pool's task thread time to run ahead as far as it is allowed
@@ -259,8 +261,21 @@ def test_bounded_imap_order_and_window():
 
 
 def test_bounded_imap_in_process():
-    with BoundedImap(None, abs, [-3, -1, -2], chunksize=4, window=8) as results:
+    with BoundedImap(None, abs, [-3, -1, -2], window=8) as results:
         assert list(results) == [3, 1, 2]
+
+
+def kill_self_at(value: int) -> int:
+    if value == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value
+
+
+def test_bounded_imap_worker_killed():
+    with multiprocessing.Pool(2) as pool:
+        with BoundedImap(pool, kill_self_at, range(20), window=4) as results:
+            with pytest.raises(PackError, match="exited before finishing its task"):
+                list(results)
 
 
 def test_shard_bytes_equal_tarfile(tmp_path):

@@ -69,14 +69,14 @@ logger = logging.getLogger(__name__)
 # Version of what pack writes for given input and options; a change refuses to resume old output.
 PACK_LAYOUT = 1
 
-# Files per worker message in the hash pass, and hash messages in flight per worker.
+# Files per task in the hash pass, and hash tasks in flight per worker.
 HASH_CHUNK = 32
 CHUNKS_IN_FLIGHT = 4
 # Blocks in flight per worker in the pack pass: one being packed and one waiting.
 BLOCKS_IN_FLIGHT = 2
 # Images a worker packs between updates of the shared progress count.
 PROGRESS_EVERY = 16
-# Seconds between progress updates while this process waits for a block.
+# Seconds between checks of the workers, and progress updates, while this process waits for a result.
 PROGRESS_POLL = 0.2
 
 DUPLICATE = "duplicate"
@@ -375,6 +375,10 @@ def hash_file(path: str) -> HashResult:
     return HashResult(digest.digest())
 
 
+def hash_files(paths: list[str]) -> list[HashResult]:
+    return [hash_file(path) for path in paths]
+
+
 def pack_file(path: str) -> PackResult:
     """Read, hash and normalize one image file."""
     assert _image_options is not None, "init_worker sets the image options first"
@@ -401,8 +405,6 @@ def worker_pool(workers: int, options: ImageOptions, packed: Any) -> Iterator[Po
         init_worker(options, packed, in_process=True)
         yield None
         return
-    # NOTE: Pool.imap waits forever when the kernel kills a worker (for example for memory), so
-    # such a run hangs instead of failing. Stop it with Ctrl-C and rerun, which resumes.
     pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=(options, packed))
     try:
         yield pool
@@ -414,12 +416,26 @@ def worker_pool(workers: int, options: ImageOptions, packed: Any) -> Iterator[Po
     pool.join()
 
 
+def worker_ids(pool: Pool) -> set[int]:
+    """Return the process ids of the pool's current workers.
+
+    Reads Pool's private worker list; the workers of a Pool without maxtasksperchild never
+    exit on their own, so a changed set means one died.
+    """
+    return {process.pid for process in pool._pool}  # type: ignore[attr-defined]
+
+
 class BoundedImap:
-    """`pool.imap` in order with at most `window` tasks sent and not yet consumed.
+    """`pool.imap` in order, one task per message, with at most `window` tasks sent and not yet consumed.
 
     Pool.imap alone reads its whole input and queues every result, so a slow consumer would
-    hold every JPEG in memory. Here the input generator, which runs in the pool's task thread,
+    hold them all in memory. Here the input generator, which runs in the pool's task thread,
     waits for a permit that each consumed result returns. Without a pool, the tasks run here.
+
+    Pool replaces a worker that dies (for example killed by the kernel for memory) but never
+    finishes its task, so imap alone would wait forever. While waiting for a result this checks
+    every PROGRESS_POLL seconds that the pool's workers are still the ones it started with, and
+    raises PackError when one has gone. It also calls `waiting`, if given, at each check.
     """
 
     def __init__(
@@ -427,17 +443,15 @@ class BoundedImap:
         pool: Pool | None,
         function: Callable,
         tasks: Iterable,
-        chunksize: int,
         window: int,
         waiting: Callable[[], None] | None = None,
     ) -> None:
         self.pool = pool
         self.function = function
         self.tasks = tasks
-        self.chunksize = chunksize
-        self.permits = threading.Semaphore(max(window, chunksize))
+        self.permits = threading.Semaphore(max(window, 1))
         self.stopped = threading.Event()
-        self.waiting = waiting  # called every PROGRESS_POLL seconds while a result is awaited
+        self.waiting = waiting
 
     def __enter__(self) -> BoundedImap:
         return self
@@ -450,23 +464,25 @@ class BoundedImap:
         if self.pool is None:
             yield from map(self.function, self.tasks)
             return
-        results = self.pool.imap(self.function, self._gated_tasks(), self.chunksize)
-        if self.waiting is not None:
-            results = self._polled(results)
-        for result in results:
-            self.permits.release()
-            yield result
-
-    def _polled(self, results: Any) -> Iterator:
-        """Yield from an IMapIterator (imap with chunksize 1), calling `waiting` while a result is due."""
-        assert self.waiting is not None and self.chunksize == 1, "polling needs one task per message"
+        workers = worker_ids(self.pool)
+        results = self.pool.imap(self.function, self._gated_tasks())
         while True:
             try:
-                yield results.next(timeout=PROGRESS_POLL)
-            except multiprocessing.TimeoutError:
-                self.waiting()
+                result = results.next(timeout=PROGRESS_POLL)
             except StopIteration:
                 return
+            except multiprocessing.TimeoutError:
+                if worker_ids(self.pool) != workers:
+                    raise PackError(
+                        "a pack worker process exited before finishing its task (the kernel may have killed it "
+                        "for memory; see `dmesg`); run the same command again to resume, with fewer --workers "
+                        "if memory is short"
+                    ) from None
+                if self.waiting is not None:
+                    self.waiting()
+                continue
+            self.permits.release()
+            yield result
 
     def _gated_tasks(self) -> Iterator:
         for task in self.tasks:
@@ -547,15 +563,20 @@ def hash_entries(listing: Listing, pool: Pool | None, workers: int, progress: Pr
     rejects = []
     task = progress.add_task("hashing", total=N)
     root = str(listing.root)
-    paths = (os.path.join(root, path) for path in listing.paths)
-    with BoundedImap(pool, hash_file, paths, HASH_CHUNK, workers * HASH_CHUNK * CHUNKS_IN_FLIGHT) as results:
-        for index, result in enumerate(results):
-            if result.sha256 is None:
-                rejects.append(Reject(listing.paths[index], result.reason, result.detail))
-            else:
-                shas[index] = np.frombuffer(result.sha256, dtype=np.uint8)
-                valid[index] = True
-            progress.advance(task)
+    chunks = (
+        [os.path.join(root, path) for path in listing.paths[start : start + HASH_CHUNK]] for start in range(0, N, HASH_CHUNK)
+    )
+    index = 0
+    with BoundedImap(pool, hash_files, chunks, workers * CHUNKS_IN_FLIGHT) as results:
+        for chunk in results:
+            for result in chunk:
+                if result.sha256 is None:
+                    rejects.append(Reject(listing.paths[index], result.reason, result.detail))
+                else:
+                    shas[index] = np.frombuffer(result.sha256, dtype=np.uint8)
+                    valid[index] = True
+                index += 1
+            progress.advance(task, len(chunk))
     return Hashes(shas, valid, rejects)
 
 
@@ -656,7 +677,7 @@ def write_shards(
         progress.update(task, completed=done + packed.value)
 
     tasks = block_tasks(out, listing, labels, shas, plan, starts, settings)
-    with BoundedImap(pool, pack_block, tasks, 1, workers * BLOCKS_IN_FLIGHT, show_progress) as results:
+    with BoundedImap(pool, pack_block, tasks, workers * BLOCKS_IN_FLIGHT, show_progress) as results:
         for block in results:
             for segment in block:
                 split = segment.split
