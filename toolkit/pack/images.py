@@ -11,7 +11,8 @@ Two paths share the work:
   size is at most half the source, libjpeg-turbo scales in the DCT domain while decoding, and
   Pillow resizes the rest of the way. A YCbCr JPEG that needs no change (no EXIF rotation, no
   resize, no colour conversion, no second picture or other data after its end-of-image marker)
-  is stored byte for byte after the full decode has checked it.
+  is stored byte for byte after a full decode to gray has checked it: every scan is entropy-
+  decoded, which is where damage shows, and only the unused colour output is skipped.
   CMYK and YCCK JPEGs, grayscale JPEGs with an ICC profile, and JPEGs that libjpeg-turbo cannot
   decode go to the Pillow path.
 - Every other format is decoded with Pillow, first frame only for animated or multi-page files.
