@@ -1,6 +1,7 @@
 """Time `toolkit pack` beside a plain Pillow + webdataset.ShardWriter baseline.
 
-    .venv/bin/python benchmarks/pack.py --images 2000
+    .venv/bin/python benchmarks/pack.py --images 8000 --modes passthrough
+    .venv/bin/python benchmarks/pack.py --images 4000 --shard-samples 250 --modes resize
 
 Two modes, each on its own generated image folder:
 
@@ -13,9 +14,10 @@ The baseline lists the folder, decodes each file with Pillow (and resizes it wit
 "cls": label} with `webdataset.ShardWriter` at its defaults, which re-encode the image as JPEG
 at quality 100. toolkit runs the whole `toolkit pack` command (`toolkit.pack.run_pack`): scan,
 content hashes, duplicate check, split, normalisation and sharding, with shards of
---shard-samples images (default 100). pack gives each worker whole shards, so the all-core run
+--shard-samples images (default 500). pack gives each worker whole shards, so the all-core run
 needs several shards per worker: a dataset of millions of images has them at the default of
-10,000 images per shard, and a benchmark of a few thousand images has them at 100.
+10,000 images per shard, and a benchmark of a few thousand images at a few hundred. Each shard
+also costs a fixed fsync, so very small shards lower the rates.
 
 For each mode the script prints images/s (the fastest of --repeats runs) for the baseline and
 for toolkit with one process, and their ratio, also as a ratio of CPU seconds
@@ -110,7 +112,7 @@ def pack_baseline(src: Path, out: Path, size: int) -> int:
     return count
 
 
-SHARD_SAMPLES = 100
+SHARD_SAMPLES = 500
 
 
 def pack_toolkit(src: Path, out: Path, resize: str, size: int, workers: int, shard_samples: int = SHARD_SAMPLES) -> int:

@@ -11,8 +11,9 @@ Two paths share the work:
   size is at most half the source, libjpeg-turbo scales in the DCT domain while decoding, and
   Pillow resizes the rest of the way. A YCbCr JPEG that needs no change (no EXIF rotation, no
   resize, no colour conversion, no second picture or other data after its end-of-image marker)
-  is stored byte for byte after a full decode to gray has checked it: every scan is entropy-
-  decoded, which is where damage shows, and only the unused colour output is skipped.
+  is stored byte for byte after a full decode has checked it. That check decodes to gray at 1/8
+  scale: every coefficient of every scan is still entropy-decoded, which is where damage shows,
+  and only the unused pixel output is cut short.
   CMYK and YCCK JPEGs, grayscale JPEGs with an ICC profile, and JPEGs that libjpeg-turbo cannot
   decode go to the Pillow path.
 - Every other format is decoded with Pillow, first frame only for animated or multi-page files.
@@ -331,11 +332,11 @@ def _decode_jpeg(data: bytes, options: ImageOptions, keep_source: bool) -> tuple
         and data.endswith(b"\xff\xd9")  # no trailer after the end-of-image marker
     )
 
-    # decode in full. The check of a kept JPEG discards the pixels, so it decodes to gray:
-    # libjpeg-turbo still entropy-decodes every component of every scan, where truncation and
-    # damage show, and skips only the chroma IDCT, upsampling and colour conversion.
+    # decode in full. The check of a kept JPEG discards the pixels, so it decodes to gray at
+    # 1/8 scale: libjpeg-turbo still entropy-decodes every coefficient of every scan, which is
+    # where truncation and damage show, and skips the colour output and most of the inverse DCT.
     if unchanged and keep_source:
-        if _decode_jpeg_pixels(data, colorspace="GRAY") is None:
+        if _decode_jpeg_pixels(data, colorspace="GRAY", min_width=1, min_height=1, min_factor=8) is None:
             return None
         return None, width, height
     scale = {}

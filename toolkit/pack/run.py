@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 PACK_LAYOUT = 1
 
 # Files per task in the hash pass, and hash tasks in flight per worker.
-HASH_CHUNK = 32
+HASH_CHUNK = 256
 CHUNKS_IN_FLIGHT = 4
 # Blocks in flight per worker in the pack pass: one being packed and one waiting.
 BLOCKS_IN_FLIGHT = 2
@@ -375,8 +375,24 @@ def hash_file(path: str) -> HashResult:
     return HashResult(digest.digest())
 
 
-def hash_files(paths: list[str]) -> list[HashResult]:
-    return [hash_file(path) for path in paths]
+class HashChunk(NamedTuple):
+    """The hashes of consecutive files: 32 bytes each, zeros for a rejected file."""
+
+    digests: bytes
+    rejects: list[tuple[int, str, str]]  # (offset in the chunk, reason, detail)
+
+
+def hash_files(paths: list[str]) -> HashChunk:
+    """Hash consecutive files, returning one message so the main process does little per file."""
+    digests = bytearray(32 * len(paths))
+    rejects = []
+    for offset, path in enumerate(paths):
+        result = hash_file(path)
+        if result.sha256 is None:
+            rejects.append((offset, result.reason, result.detail))
+        else:
+            digests[32 * offset : 32 * offset + 32] = result.sha256
+    return HashChunk(bytes(digests), rejects)
 
 
 def pack_file(path: str) -> PackResult:
@@ -566,17 +582,17 @@ def hash_entries(listing: Listing, pool: Pool | None, workers: int, progress: Pr
     chunks = (
         [os.path.join(root, path) for path in listing.paths[start : start + HASH_CHUNK]] for start in range(0, N, HASH_CHUNK)
     )
-    index = 0
+    start = 0
     with BoundedImap(pool, hash_files, chunks, workers * CHUNKS_IN_FLIGHT) as results:
         for chunk in results:
-            for result in chunk:
-                if result.sha256 is None:
-                    rejects.append(Reject(listing.paths[index], result.reason, result.detail))
-                else:
-                    shas[index] = np.frombuffer(result.sha256, dtype=np.uint8)
-                    valid[index] = True
-                index += 1
-            progress.advance(task, len(chunk))
+            count = len(chunk.digests) // 32
+            shas[start : start + count] = np.frombuffer(chunk.digests, dtype=np.uint8).reshape(count, 32)
+            valid[start : start + count] = True
+            for offset, reason, detail in chunk.rejects:
+                rejects.append(Reject(listing.paths[start + offset], reason, detail))
+                valid[start + offset] = False
+            start += count
+            progress.advance(task, count)
     return Hashes(shas, valid, rejects)
 
 
