@@ -19,6 +19,7 @@ from toolkit.pack.run import BoundedImap
 from toolkit.pack.scan import AUTO_SPLIT
 from toolkit.pack.shards import ShardFile, archive_bytes, block_bounds, encode_sample, is_shard_file, sample_key
 from toolkit.pack.split import (
+    classes_without,
     NOT_PACKED,
     TEST,
     TRAIN,
@@ -311,3 +312,13 @@ def test_block_bounds():
     assert block_bounds(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert block_bounds(5, 10, 4) == [(5, 8), (8, 10)]
     assert block_bounds(8, 8, 4) == []
+
+
+def test_classes_without_split():
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3])
+    TRAIN, VAL, TEST = 0, 1, 2
+    split_of = np.array([TRAIN, VAL, TEST, TRAIN, TRAIN, TRAIN, TRAIN, TEST, -1], dtype=np.int8)
+    # class 1 has no val and no test, class 2 no val; class 3 is not packed
+    assert classes_without(split_of, labels, VAL, small=[]) == [1, 2]
+    assert classes_without(split_of, labels, TEST, small=[]) == [1]
+    assert classes_without(split_of, labels, VAL, small=[1]) == [2]

@@ -161,6 +161,23 @@ def test_cli_config_and_flags(tiny_dataset, tmp_path):
     assert "embedding_dim = 16\n" in saved
 
 
+def test_cli_resume_reads_run_config(tiny_dataset, tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        '[train]\narch = "resnet18"\nembedding_dim = 16\nimage_size = 32\nbatch_size = 4\n'
+        'workers = 0\nsteps = 2\ndevice = "cpu"\nprecision = "fp32"\nclass_chunk = 4\n'
+    )
+    run_dir = tmp_path / "run"
+    first = CliRunner().invoke(app, ["train", str(tiny_dataset), str(run_dir), "--config", str(recipe)])
+    assert first.exit_code == 0, first.output
+
+    # neither the recipe nor its options again: the run's config.toml supplies them
+    resumed = CliRunner().invoke(app, ["train", str(tiny_dataset), str(run_dir), "--resume", "--steps", "3"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "finished at step 3" in resumed.output
+    assert "steps = 3\n" in (run_dir / "config.toml").read_text()
+
+
 def test_cli_rejects_unknown_key(tiny_dataset, tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text("[train]\nbatchsize = 4\n")

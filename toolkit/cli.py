@@ -16,9 +16,12 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from toolkit.config import ConfigError, PackConfig, TrainConfig, resolve
 from toolkit.dataset import DatasetError
+
+logger = logging.getLogger(__name__)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -52,7 +55,7 @@ def is_rank_zero() -> bool:
 
 def fail(message: str) -> typer.Exit:
     """Print an error on stderr and return the exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code=1)
 
 
@@ -136,7 +139,7 @@ def train(
     log_every: Annotated[Optional[int], typer.Option(help="Log a metrics line every N steps.", min=1)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in RUN from checkpoints/last.pt.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in RUN from checkpoints/last.pt, with the settings in RUN/config.toml unless --config is given.")] = None,
     auto_batch: Annotated[Optional[bool], typer.Option("--auto-batch", help="Use the largest batch that the memory plan fits on the device; the choice is logged.")] = None,
 ) -> None:
     """Train a classifier on a packed dataset."""
@@ -147,6 +150,11 @@ def train(
 
     from toolkit.display import TrainDisplay
     from toolkit.train import CheckpointError, TrainingError, train as run_training
+
+    # a resumed run starts from the settings it recorded, unless a config file is given
+    if resume and config is None and (run / "config.toml").is_file():
+        config = run / "config.toml"
+        logger.info("resuming with the settings in %s; options given here override them", config)
 
     try:
         settings = resolve(TrainConfig, config, overrides, "train")
@@ -265,7 +273,7 @@ def predict(
     for result in predictor.predict(items):
         results.append(result)
         if result.error is not None:
-            console.print(f"[bold red]error:[/] {result.path}: {result.error}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(f'{result.path}: {result.error}')}", highlight=False, soft_wrap=True)
         elif settings.output is None:
             stdout.print(str(result.path), markup=False, highlight=False, soft_wrap=True)
             for rank, score in enumerate(result.top, start=1):
@@ -274,7 +282,8 @@ def predict(
     failed = sum(result.error is not None for result in results)
     if settings.output is not None:
         write_predictions(results, settings.output, checkpoint, settings.top_k)
-        console.print(f"wrote {len(results) - failed} predictions and {failed} errors to {settings.output}", highlight=False)
+        errors = "error" if failed == 1 else "errors"
+        console.print(f"wrote {len(results) - failed} predictions and {failed} {errors} to {settings.output}", highlight=False)
     if failed:
         raise fail(f"{failed} of {len(results)} files could not be predicted")
 

@@ -12,7 +12,8 @@ Splits:
   test_fraction goes to test, below test_fraction + val_fraction to val, and the rest to train.
   The point depends only on the bytes and the seed, so adding images later never moves an
   image that was already assigned. The expected share of each class in test and val is
-  test_fraction and val_fraction, and the exact count per class varies with the hash.
+  test_fraction and val_fraction, and the exact count per class varies with the hash. Classes
+  that end up with no val or no test image are named in a warning.
 - A class with fewer images than the number of splits it should fill (3 with the default
   fractions) goes to train whole and is named in a warning. When such a class grows past that
   size, its images are split by their points like any other class.
@@ -177,6 +178,17 @@ def assign_splits(
     return split, np.flatnonzero(small).tolist(), straddling
 
 
+def classes_without(split_of: np.ndarray, labels: np.ndarray, code: int, small: list[int]) -> list[int]:
+    """Return the labels that have packed entries but none in split CODE, leaving out the SMALL classes."""
+    packed = split_of != NOT_PACKED
+    size = int(labels.max()) + 1 if len(labels) else 0
+    present = np.bincount(labels[packed], minlength=size) > 0
+    in_split = np.bincount(labels[split_of == code], minlength=size) > 0
+    missing = present & ~in_split
+    missing[small] = False
+    return np.flatnonzero(missing).tolist()
+
+
 def shuffle_keys(paths: list[str], entries: np.ndarray, seed: int) -> np.ndarray:
     """Return a uint64 sort key per entry from sha256(seed, path)."""
     prefix = f"toolkit-shuffle:{seed}:".encode()
@@ -226,6 +238,16 @@ def plan_splits(
             names,
             ", ..." if len(small) > WARN_NAMES else "",
         )
+    for code, name, fraction in ((VAL, "val", val_fraction), (TEST, "test", test_fraction)):
+        missing = classes_without(split_of, labels, code, small) if fraction > 0 else []
+        if missing:
+            names = ", ".join(classes[label] for label in missing[:WARN_NAMES])
+            logger.warning(
+                "%d classes have no %s image, because each image's split comes from a hash of its bytes and the "
+                "share per class holds only on average: %s%s. Give these classes a split column in a CSV "
+                "list if each needs %s images",
+                len(missing), name, names, ", ..." if len(missing) > WARN_NAMES else "", name,
+            )
     if straddling:
         logger.warning(
             "%d groups of identical files are in more than one split because the CSV split column puts them there",
