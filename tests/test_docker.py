@@ -434,14 +434,14 @@ def test_cjk_cpu_recipe_arguments(just, tmp_path):
 
     # run the script up to its first command and print what it would pass on
     setup = script.split("\ndir=")[0]
-    shown = subprocess.run(
+    printed = subprocess.run(
         ["bash", "-c", setup + '\nprintf "%s\\n" "$classes" "$recipe" "${build[@]}"'],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert shown.returncode == 0, shown.stderr
-    classes, recipe, *build = shown.stdout.splitlines()
+    assert printed.returncode == 0, printed.stderr
+    classes, recipe, *build = printed.stdout.splitlines()
     assert classes == "gb2312-1"
     assert recipe == "pipelines/cjk-3755-cpu.toml"
     assert (JUSTFILE.parent / recipe).is_file()

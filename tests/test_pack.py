@@ -708,8 +708,8 @@ def test_cli_overwrite_required(folder, tmp_path):
 
 
 def test_library_prints_nothing(folder, tmp_path, capfd, monkeypatch):
-    # the CLI tests leave a log handler on the root logger, and without any handler logging's
-    # last resort writes warnings to stderr; only the library's own output counts here
+    # Only the library's own output counts here. The CLI tests leave a log handler on the root
+    # logger, and with no handler at all, logging's last resort writes warnings to stderr.
     monkeypatch.setattr(logging.getLogger(), "handlers", [logging.NullHandler()])
     pack(folder, tmp_path / "out")
     captured = capfd.readouterr()

@@ -332,9 +332,9 @@ def _decode_jpeg(data: bytes, options: ImageOptions, keep_source: bool) -> tuple
         and data.endswith(b"\xff\xd9")  # no trailer after the end-of-image marker
     )
 
-    # decode in full. The check of a kept JPEG discards the pixels, so it decodes to gray at
-    # 1/8 scale: libjpeg-turbo still entropy-decodes every coefficient of every scan, which is
-    # where truncation and damage show, and skips the colour output and most of the inverse DCT.
+    # decode in full. The check of a kept JPEG discards the pixels, so it decodes to gray at 1/8
+    # scale. libjpeg-turbo still entropy-decodes every coefficient of every scan, which is where
+    # truncation and damage show. Only the colour output and most of the inverse DCT are skipped.
     if unchanged and keep_source:
         if _decode_jpeg_pixels(data, colorspace="GRAY", min_width=1, min_height=1, min_factor=8) is None:
             return None

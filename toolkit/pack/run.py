@@ -634,28 +634,27 @@ def block_tasks(
 
 
 def pack_block(task: BlockTask) -> list[Segment]:
-    """Pack one block into shards under temporary names and return its segments (worker side)."""
+    """Pack one block into shards under temporary names and return its segments (worker side).
+
+    After an error the main process deletes the temporary files (`removing_partial_shards`).
+    """
     writer = BlockWriter(Path(task.out), task.split, task.start, task.max_bytes)
     unreported = 0
-    try:
-        for position, (path, label, class_name, sha256) in zip(range(task.start, task.end), task.entries):
-            result = pack_file(os.path.join(task.root, path))
-            if result.image is None:
-                writer.reject(position, Reject(path, result.reason, result.detail))
-            elif result.sha256 != sha256:
-                writer.reject(position, Reject(path, "changed", "the file changed between hashing and packing; pack again"))
-            else:
-                key = sample_key(task.split, position)
-                writer.add(position, encode_sample(key, label, class_name, path, result.sha256, result.image))
-            unreported += 1
-            if unreported == PROGRESS_EVERY:
-                count_packed(unreported)
-                unreported = 0
-        count_packed(unreported)
-        return writer.finish(task.end)
-    except BaseException:
-        writer.abort()
-        raise
+    for position, (path, label, class_name, sha256) in zip(range(task.start, task.end), task.entries):
+        result = pack_file(os.path.join(task.root, path))
+        if result.image is None:
+            writer.reject(position, Reject(path, result.reason, result.detail))
+        elif result.sha256 != sha256:
+            writer.reject(position, Reject(path, "changed", "the file changed between hashing and packing; pack again"))
+        else:
+            key = sample_key(task.split, position)
+            writer.add(position, encode_sample(key, label, class_name, path, result.sha256, result.image))
+        unreported += 1
+        if unreported == PROGRESS_EVERY:
+            count_packed(unreported)
+            unreported = 0
+    count_packed(unreported)
+    return writer.finish(task.end)
 
 
 def count_packed(images: int) -> None:
@@ -679,8 +678,8 @@ def write_shards(
 ) -> dict[str, list[Segment]]:
     """Pack every block after the finished shards and return all segments per split.
 
-    Workers write the blocks' shards; here each finished block is recorded and its shards are
-    renamed, in split and shard order, so the shard numbers do not depend on the workers.
+    Workers write the blocks' shards. This process records each finished block and renames its
+    shards in split and shard order, so the shard numbers do not depend on the workers.
     """
     total = sum(len(order) for order in plan.order.values())
     done = sum(finished[split][-1].end for split in SPLITS if finished[split])

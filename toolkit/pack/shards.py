@@ -193,11 +193,6 @@ class ShardFile:
             os.replace(self.partial, self.path)
         return info
 
-    def abort(self) -> None:
-        """Close and delete the partial file."""
-        self.file.close()
-        self.partial.unlink(missing_ok=True)
-
 
 # ---------------------------------------------------------------------------------------------
 # segments: finished shards and the split positions they consumed
@@ -396,15 +391,6 @@ class BlockWriter:
         if self.shard is not None or self.rejects:
             self._close_segment(end)
         return self.segments
-
-    def abort(self) -> None:
-        """Delete the open shard and the closed ones of this block after an error or interrupt."""
-        if self.shard is not None:
-            self.shard.abort()
-            self.shard = None
-        for segment in self.segments:
-            if segment.shard is not None:
-                (self.out / (segment.shard.name + PARTIAL_SUFFIX)).unlink(missing_ok=True)
 
     def _fits(self, sample: Sample) -> bool:
         """Return True when the open shard can take SAMPLE within shard_max_bytes."""
