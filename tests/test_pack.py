@@ -547,7 +547,7 @@ def test_killed_worker_fails_run(folder, tmp_path, monkeypatch):
     original_pack_file = run_module.pack_file
 
     def dying_pack_file(path):
-        # runs in a forked worker: the kernel's kill for memory looks the same
+        # This runs in a forked worker, where SIGKILL looks like the kernel's kill for memory.
         if path.endswith("0003.jpg"):
             os.kill(os.getpid(), signal.SIGKILL)
         return original_pack_file(path)

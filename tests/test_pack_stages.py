@@ -318,7 +318,7 @@ def test_classes_without_split():
     labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3])
     TRAIN, VAL, TEST = 0, 1, 2
     split_of = np.array([TRAIN, VAL, TEST, TRAIN, TRAIN, TRAIN, TRAIN, TEST, -1], dtype=np.int8)
-    # class 1 has no val and no test, class 2 no val; class 3 is not packed
+    # class 1 has no val and no test image, and class 2 no val image. Class 3 is not packed.
     assert classes_without(split_of, labels, VAL, small=[]) == [1, 2]
     assert classes_without(split_of, labels, TEST, small=[]) == [1]
     assert classes_without(split_of, labels, VAL, small=[1]) == [2]

@@ -341,7 +341,7 @@ _packed_count: Any = None  # a shared multiprocessing.Value: images packed by al
 
 
 def init_worker(options: ImageOptions, packed: Any, in_process: bool = False) -> None:
-    """Set the image options and progress count of this worker; workers leave Ctrl-C to the parent."""
+    """Set the image options and progress count of this worker, which leaves Ctrl-C to the parent."""
     global _image_options, _packed_count
     _image_options = options
     _packed_count = packed
@@ -435,7 +435,7 @@ def worker_pool(workers: int, options: ImageOptions, packed: Any) -> Iterator[Po
 def worker_ids(pool: Pool) -> set[int]:
     """Return the process ids of the pool's current workers.
 
-    Reads Pool's private worker list; the workers of a Pool without maxtasksperchild never
+    Reads Pool's private worker list. The workers of a Pool without maxtasksperchild never
     exit on their own, so a changed set means one died.
     """
     return {process.pid for process in pool._pool}  # type: ignore[attr-defined]
@@ -706,7 +706,7 @@ def write_shards(
 def removing_partial_shards(out: Path) -> Iterator[None]:
     """On an error or interrupt, delete the temporary shard files of blocks not committed.
 
-    Entered before the worker pool, so the workers have stopped when it runs; finished shards
+    Entered before the worker pool, so the workers have stopped when it runs. Finished shards
     stay for the next run to resume from.
     """
     try:

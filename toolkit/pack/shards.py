@@ -9,9 +9,9 @@ and each block becomes one shard, written whole by one worker process. So the ou
 depend on which worker packs which block, and a rejected file leaves its block's shard one
 sample short instead of moving every later sample. A block whose samples pass `shard_max_bytes`
 (the size of the finished tar file, padding included) closes its shard before the sample that
-would pass it and goes on in another; a single sample larger than `shard_max_bytes` gets a shard
-of its own. A worker writes each shard as SPLIT/SPLIT-at-POSITION.tar.partial; the main process
-records it and renames it to the next shard name of the split.
+would pass it and goes on in another. A single sample larger than `shard_max_bytes` gets a shard
+of its own. A worker writes each shard as SPLIT/SPLIT-at-POSITION.tar.partial, and the main
+process records it and renames it to the next shard name of the split.
 
 Resume state, OUT/.pack-state/ (kept after a run, so a rerun of a finished pack only checks):
 - options.json: the pack options and a digest of the plan (every path, label and content hash
